@@ -13,7 +13,7 @@ from typing import Sequence
 
 MERGE_EXAMPLE = """example:
   taskmerge merge ties --pretrained base/ --finetuned cars/ dtd/ eurosat/ \\
-      -p k=20 -p merge=mean -p scaling=1.0 --output merged.safetensors
+      -p k=20 -p merge=mean -p scaling=1.0 --output merged/       # an HF folder: from_pretrained(merged/)
   taskmerge merge tall_mask --pretrained base.safetensors --finetuned a.safetensors b.safetensors \\
       -p mask_lambda=0.4 --output tall_out/      # writes tall_out/task_0.safetensors, task_1…, masks.safetensors
   taskmerge merge mats --pretrained base.safetensors --finetuned a.safetensors b.safetensors \\
@@ -41,10 +41,15 @@ def _add_merge(sub) -> None:
     p.add_argument("--stats", nargs="*", default=[], metavar="S",
                    help="statistics files (fisher, regmean, mats): one per fine-tuned model, same order")
     p.add_argument("--device", default="cpu", help="where the arithmetic runs (cpu, cuda, cuda:0; default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast every input (and so the output) to this dtype, e.g. an fp32 base with bf16 fine-tunes")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow pickled checkpoints (.pt/.bin/.pth): only for files you trust")
     p.add_argument("--output", "-o", required=True, metavar="OUT",
-                   help="a .safetensors file, or a folder for per-task methods (tall_mask, tsv_c)")
+                   help="a .safetensors file, or a folder: a Hugging Face model folder (θ0's config and tokenizer "
+                        "copied; shards + index when large); per-task methods (tall_mask, tsv_c) need a folder")
+    p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                   help="largest shard of a folder output, in GB (default 5, as save_pretrained)")
     p.set_defaults(run=_run_merge)
 
 
@@ -52,8 +57,9 @@ def _run_merge(args) -> int:
     from taskmerge.merge_files import merge_files, parse_hparams
 
     written = merge_files(args.method, args.pretrained, args.finetuned, args.output,
-                          hparams=parse_hparams(args.param), device=args.device, trust_pickle=args.trust_pickle,
-                          stats_paths=args.stats)
+                          hparams=parse_hparams(args.param), device=args.device, dtype=args.dtype,
+                          trust_pickle=args.trust_pickle, stats_paths=args.stats,
+                          max_shard_bytes=int(args.max_shard_size * 2**30))
     for path in written:
         print(path)
     return 0
@@ -80,6 +86,18 @@ def describe_param(param) -> str:
     return f"{param.name}: {typ} = {param.default!r}{rng}"
 
 
+def configs_using(name: str) -> list[str]:
+    """Config files (under the repo's configs/) that run method ``name``: its own file, or ``name: <name>``."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    pattern = re.compile(rf"^\s*name:\s*{re.escape(name)}\s*$", re.M)
+    hits = [p for p in sorted(root.rglob("*.yaml"))
+            if (p.stem == name and "method" in p.parts) or pattern.search(p.read_text())]
+    return [str(p.relative_to(root.parent)) for p in hits]
+
+
 def _run_methods(args) -> int:
     from taskmerge.merging import METHODS, get_method
 
@@ -97,6 +115,9 @@ def _run_methods(args) -> int:
         if not m.params:
             print("    (no hyperparameters)")
         if args.name:
+            print(f"\ndefined at: {m.where}")
+            print(f"configs:    {', '.join(configs_using(name)) or '(none)'}")
+            print(f"memory:     {m.memory} (streamed by `taskmerge merge`; plus one key of every input)")
             print("\n" + m.doc)
     return 0
 

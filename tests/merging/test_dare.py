@@ -94,7 +94,7 @@ def test_dtype_preserved_no_nan(dtype):
 
 
 @pytest.mark.parametrize("hparams", [{"drop_rate": 1.0}, {"drop_rate": -0.1}, {"base": "tsv"},
-                                     {"k": 0}, {"seed": 1.5}, {"scaling": -0.1}])
+                                     {"k": 0}, {"seed": 1.5}])
 def test_bad_hyperparameters_raise(hparams):
     pre, fts = make_models()
     with pytest.raises(ValueError):

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from taskmerge.merging import get_method, merge
-from taskmerge.merging.continual import (continual_average_steps, continual_task_arithmetic_steps,
-                                         continual_ties_steps)
-from taskmerge.merging.opcm import crossing_rank, opcm_steps, project_update
+from taskmerge.merging.opcm import crossing_rank, project_update
+
+
+def steps_of(name, pre, fts, **hp):
+    return list(get_method(name).steps(pre, fts, hp))
 
 
 def make_models(num_tasks=3, seed=0, dtype=torch.float32):
@@ -31,7 +33,7 @@ def test_registered_sequential():
 
 def test_first_step_returns_first_model_and_steps_match_final():
     pre, fts = make_models(3)
-    steps = list(opcm_steps(pre, fts))
+    steps = steps_of("opcm", pre, fts)
     assert len(steps) == 3
     for k in pre:
         assert torch.equal(steps[0][k], fts[0][k])
@@ -91,7 +93,7 @@ def test_hand_computed_two_steps():
 def test_norm_rescale_equals_mean_task_norm():
     pre, fts = make_models(4)
     norms = [tv_norm(f, pre) for f in fts]
-    for t, step in enumerate(opcm_steps(pre, fts), start=1):
+    for t, step in enumerate(steps_of("opcm", pre, fts), start=1):
         assert tv_norm(step, pre) == pytest.approx(sum(norms[:t]) / t, rel=1e-5)
 
 
@@ -141,7 +143,7 @@ def test_dtype_preserved_no_nan(dtype):
 
 def test_continual_task_arithmetic_steps_and_linear_in():
     pre, fts = make_models(3)
-    steps = list(continual_task_arithmetic_steps(pre, fts, scaling=0.3))
+    steps = steps_of("continual_task_arithmetic", pre, fts, scaling=0.3)
     for t, step in enumerate(steps, start=1):
         expect = pre["fc.weight"] + 0.3 * sum(f["fc.weight"] - pre["fc.weight"] for f in fts[:t])
         torch.testing.assert_close(step["fc.weight"], expect)
@@ -152,7 +154,7 @@ def test_continual_task_arithmetic_steps_and_linear_in():
 
 def test_continual_average_is_running_mean():
     pre, fts = make_models(4)
-    for t, step in enumerate(continual_average_steps(pre, fts), start=1):
+    for t, step in enumerate(steps_of("continual_average", pre, fts), start=1):
         torch.testing.assert_close(step["fc.weight"], torch.stack([f["fc.weight"] for f in fts[:t]]).mean(0))
 
 
@@ -163,7 +165,7 @@ def test_continual_ties_hand_computed():
     # τ̄2 = τ̄1 + 0.5·(-3, 1, 2, 0) = (0.5, 0, 2, 0.25).
     pre = {"v": torch.zeros(4)}
     fts = [{"v": torch.tensor([4.0, -1.0, 2.0, 0.5])}, {"v": torch.tensor([-3.0, 1.0, 1.0, 0.1])}]
-    steps = list(continual_ties_steps(pre, fts, k=50, merge="sum", scaling=0.5))
+    steps = steps_of("continual_ties", pre, fts, k=50, merge="sum", scaling=0.5)
     torch.testing.assert_close(steps[0]["v"], torch.tensor([2.0, -0.5, 1.0, 0.25]))
     torch.testing.assert_close(steps[1]["v"], torch.tensor([0.5, 0.0, 2.0, 0.25]))
 

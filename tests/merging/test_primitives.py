@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from taskmerge.merging.inputs import task_stream
 from taskmerge.merging.primitives import (dare_rng_states, dare_mask, dare_stream, disjoint_merge, elect_sign,
                                           fill_zero_signs, global_topk_thresholds, kth_index, majority_sign,
-                                          state_dict_stream, streamed_kthvalue_abs, trim, trim_tasks)
+                                          streamed_kthvalue_abs, trim, trim_tasks)
 
 
 def _stream(chunks_per_task):
@@ -120,7 +121,7 @@ def test_dare_rng_matches_official_global_call_order():
 def test_dare_stream_rescales_and_is_deterministic():
     pre = {"w": torch.zeros(50, 40), "v": torch.zeros(30)}
     fts = [{"w": torch.ones(50, 40), "v": torch.ones(30)} for _ in range(2)]
-    stream = dare_stream(state_dict_stream(pre, fts), 0.25, 7)
+    stream = dare_stream(task_stream(pre, fts), 0.25, 7)
     first, second = list(stream()), list(stream())
     for (key, taus), (_, again) in zip(first, second):
         for tau, tau2 in zip(taus, again):
@@ -128,4 +129,4 @@ def test_dare_stream_rescales_and_is_deterministic():
             assert set(tau.unique().tolist()) == {0.0, torch.tensor(1 / 0.75).item()}
     assert not torch.equal(first[0][1][0], first[0][1][1])  # tasks get different masks
     with pytest.raises(ValueError):
-        dare_stream(state_dict_stream(pre, fts), 1.0, 0)
+        dare_stream(task_stream(pre, fts), 1.0, 0)

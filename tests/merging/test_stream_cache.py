@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from taskmerge.merging import merge
-from taskmerge.merging.primitives import cached_stream, state_dict_stream
+from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.primitives import cached_stream
 
 
 def counting_stream(n_keys=3):
@@ -43,15 +44,15 @@ def test_interrupted_first_pass_starts_over():
     assert [k for k, _ in cached()] == ["k0", "k1", "k2"] and len(calls) == 2
 
 
-def test_state_dict_stream_budget_counts_every_task_in_float32(monkeypatch):
+def test_task_stream_budget_counts_every_task_in_float32(monkeypatch):
     pre = {"w": torch.zeros(10, dtype=torch.float16), "ids": torch.arange(4)}
     fts = [{"w": torch.ones(10, dtype=torch.float16), "ids": torch.arange(4)} for _ in range(3)]
     monkeypatch.setenv("TASKMERGE_STREAM_CACHE_BYTES", str(4 * 3 * 10))
-    s = state_dict_stream(pre, fts)
+    s = task_stream(pre, fts)
     assert [k for k, _ in s()] == ["w"]  # integer buffers are not in the stream
     assert next(iter(s()))[1][0] is next(iter(s()))[1][0]  # replayed: the same tensor object
     monkeypatch.setenv("TASKMERGE_STREAM_CACHE_BYTES", str(4 * 3 * 10 - 1))
-    s = state_dict_stream(pre, fts)
+    s = task_stream(pre, fts)
     list(s())
     assert next(iter(s()))[1][0] is not next(iter(s()))[1][0]
 

@@ -139,7 +139,7 @@ def test_dtype_preserved_no_nan(dtype):
 
 
 @pytest.mark.parametrize("hparams", [{"k": 0}, {"k": 101}, {"k": -5}, {"merge": "median"},
-                                     {"scaling": -1}, {"trim_scope": "layer"}, {"topk": 20}])
+                                     {"trim_scope": "layer"}, {"topk": 20}])
 def test_bad_hyperparameters_raise(hparams):
     pre, fts = make_models()
     with pytest.raises(ValueError):

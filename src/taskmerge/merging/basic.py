@@ -7,37 +7,35 @@
 """
 from __future__ import annotations
 
-from typing import Annotated, Sequence
+from typing import Sequence
 
 import torch
 
-from taskmerge.merging.primitives import add_scaled, copy_untouched, float_items, task_vectors
-from taskmerge.merging.registry import Range, StateDict, register
+from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.registry import StateDict, register
+
+ELEMENTWISE = "one key (row chunks of large tensors) of every input; nothing across the model"
 
 
-@register("average")
-def average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=None) -> StateDict:
+@register("average", memory=ELEMENTWISE)
+def average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=None, chunk_numel=None):
     """Weight averaging: θ = (1/T) Σ_t θ_t, element-wise over every floating tensor.
 
-    Equivalent to task arithmetic with λ = 1/T. No hyperparameters.
+    Computed as θ0 + mean_t τ_t (task arithmetic with λ = 1/T). No hyperparameters.
     """
-    merged = {}
-    for key, base in float_items(pretrained):
-        mean = torch.stack(task_vectors(key, pretrained, finetuned, device=device)).mean(0)
-        merged[key] = add_scaled(base, mean, 1.0)
-    return copy_untouched(pretrained, merged)
+    for item, taus in task_stream(pretrained, finetuned, device, chunk_numel)():
+        yield item, Update(torch.stack(taus).mean(0), 1.0)
 
 
-@register("task_arithmetic", linear_in="scaling")
-def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *,
-                    scaling: Annotated[float, Range(0.0, None)] = 0.3, device=None) -> StateDict:
+@register("task_arithmetic", linear_in="scaling", memory=ELEMENTWISE)
+def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *, scaling: float = 0.3,
+                    device=None, chunk_numel=None):
     """Task Arithmetic: θ = θ0 + λ Σ_t τ_t with τ_t = θ_t − θ0.
 
     Hyperparameters:
         scaling (λ, default 0.3): the paper's default for 8 ViT tasks; searched over {0.1, …, 1.0}.
+            Negative λ is task negation (forgetting by subtracting τ, the paper's §3).
     """
-    merged = {}
-    for key, base in float_items(pretrained):
-        total = torch.stack(task_vectors(key, pretrained, finetuned, device=device)).sum(0)
-        merged[key] = add_scaled(base, total, scaling)
-    return copy_untouched(pretrained, merged)
+    for item, taus in task_stream(pretrained, finetuned, device, chunk_numel)():
+        yield item, Update(torch.stack(taus).sum(0), scaling)

@@ -10,18 +10,18 @@ from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.primitives import check_models, copy_untouched, float_items
+from taskmerge.merging.inputs import Part, float_keys, key_of, shapes, tensors, walk
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.stats.keys import check_stats_list, fisher_key, gather
 
 log = logging.getLogger(__name__)
 
 
-@register("fisher")
+@register("fisher", memory="one key (row chunks of large tensors) of every input and its Fishers")
 def fisher(pretrained: StateDict, finetuned: Sequence[StateDict], *,
            floor: Annotated[float, Range(0.0, None)] = 1e-8,
            pair_lambda: Annotated[float, Range(0.0, 1.0)] = 0.5,
-           stats=None, device=None) -> StateDict:
+           stats=None, device=None, chunk_numel=None):
     """Diagonal Fisher merging: θ = Σ_t F_t θ_t / Σ_t F_t per element (MaTS ``diagonal_fisherMerging.py``).
 
     Merges the fine-tuned weights themselves (not task vectors). Each Fisher is first floored,
@@ -37,28 +37,25 @@ def fisher(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             with any other number of models the official code ignores λ, and so do we.
             0.5 is the unweighted merge. Official grid (2 models): {0, 0.1, …, 1}.
     """
-    check_models(pretrained, finetuned)
-    stats = check_stats_list(stats, len(finetuned), "fisher", pretrained)
+    stats = check_stats_list(stats, len(finetuned), "fisher", shapes(pretrained))
     T = len(finetuned)
     weights = [pair_lambda, 1.0 - pair_lambda] if T == 2 else [1.0] * T
-    merged, with_fisher = {}, 0
-    for key, base in float_items(pretrained):
-        thetas = [sd[key].to(device=device, dtype=torch.float32) for sd in finetuned]
-        fishers = gather(stats, fisher_key(key), "fisher")
-        if fishers is None:
-            out = torch.stack(thetas).mean(0)
-        else:
-            with_fisher += 1
-            num = torch.zeros_like(thetas[0])
-            den = torch.zeros_like(thetas[0])
-            for w, f, th in zip(weights, fishers, thetas):
-                f = w * f.to(device=device, dtype=torch.float32).clamp_min(floor)
-                num += f * th
-                den += f
-            out = num / den
-        merged[key] = out.to(device=base.device, dtype=base.dtype)
-    if with_fisher == 0:
+    with_fisher = {k for k in float_keys(pretrained) if any(fisher_key(k) in s for s in stats)}
+    if not with_fisher:
         raise ValueError("method 'fisher': the statistics contain no '<param>.fisher' entry for any tensor "
                          "(collect them with fisher='empirical' or 'true')")
-    log.info("fisher: %d tensors Fisher-weighted, %d averaged", with_fisher, len(merged) - with_fisher)
-    return copy_untouched(pretrained, merged)
+    log.info("fisher: %d tensors Fisher-weighted, the others averaged", len(with_fisher))
+    for item in walk(pretrained, chunk_numel):
+        thetas = tensors(item, finetuned, device)
+        fishers = gather(stats, fisher_key(key_of(item)), "fisher")
+        if fishers is None:
+            yield item, torch.stack(thetas).mean(0)
+            continue
+        num = torch.zeros_like(thetas[0])
+        den = torch.zeros_like(thetas[0])
+        for w, f, th in zip(weights, fishers, thetas):
+            f = f[item.start:item.stop] if isinstance(item, Part) else f
+            f = w * f.to(device=device, dtype=torch.float32).clamp_min(floor)
+            num += f * th
+            den += f
+        yield item, num / den

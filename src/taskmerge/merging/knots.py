@@ -31,13 +31,14 @@ with the pretrained tensors' names, ``module.weight`` updated, every other tenso
 """
 from __future__ import annotations
 
-from typing import Annotated, Iterator, Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from taskmerge.merging.lora import LoraModel, check_lora_models, lora_delta
-from taskmerge.merging.primitives import TaskStream, add_scaled, copy_untouched, dare_stream, memo
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.primitives import TaskStream, dare_stream, memo
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.ties import Percent, check_percent, ties_stream
 
@@ -82,7 +83,7 @@ def joint_svd_lora(factors: Sequence, apply_scale: bool = True, device=None, thr
     return u, [s[:, None] * (v @ q.T).float() for v, q in zip(vh.split(widths, dim=1), q_a)]
 
 
-def _inner_merge(stream: TaskStream, *, inner: str, k: float, merge: str, scaling: float, drop_rate: float,
+def _inner_merge(stream: TaskStream, *, inner: str, k: float, merge: str, drop_rate: float,
                  seed: int, max_keeps_sign: bool):
     check_percent("k", k)
     if inner == "dare_ties":
@@ -91,15 +92,18 @@ def _inner_merge(stream: TaskStream, *, inner: str, k: float, merge: str, scalin
         raise ValueError(f"inner={inner!r}: choose ties, task_arithmetic or dare_ties")
     if inner == "task_arithmetic" and merge == "max":
         raise ValueError("inner=task_arithmetic has no sign election: use merge=mean or sum")
-    return ties_stream(stream, k=k, merge=merge, elect=inner != "task_arithmetic", scaling=scaling,
-                       max_keeps_sign=max_keeps_sign)
+    return ties_stream(stream, k=k, merge=merge, elect=inner != "task_arithmetic", max_keeps_sign=max_keeps_sign)
 
 
 def _factors(finetuned, lora) -> list[LoraModel]:
     return list(lora) if lora is not None else list(finetuned)
 
 
-@register("knots", linear_in="scaling", inputs="lora")
+KNOTS_MEMORY = ("U and the sV blocks of every adapted module (≈ T²·r·(in+out) floats per module, kept across a "
+                "search), plus one module's merged update")
+
+
+@register("knots", linear_in="scaling", inputs="lora", memory=KNOTS_MEMORY)
 def knots(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
           inner: Inner = "ties",
           k: Percent = 20.0,
@@ -109,7 +113,7 @@ def knots(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
           seed: int = 421,
           apply_lora_scale: bool = True,
           max_keeps_sign: bool = True,
-          lora=None, device=None, cache=None) -> StateDict:
+          lora=None, device=None, cache=None):
     """KnOTS: joint SVD of the LoRA updates per module, merge in the shared basis (module docstring).
 
     Defaults: KnOTS-TIES ViT-B/32 config (``vitB_r16_knots_ties``): k=20, disjoint mean, λ=0.6
@@ -122,36 +126,28 @@ def knots(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
         k (20): percentage of each task's sV entries kept, one threshold per task over all
             modules (kthvalue, ties kept; 100 = no trim; dare_ties uses 100 officially).
         merge ("mean"): disjoint mean / sum / max of the kept entries.
-        scaling (λ, 0.6): multiplies each task's trimmed sV before the merge.
+        scaling (λ, 0.6): the official code multiplies each task's trimmed sV before the merge; the
+            disjoint merge is positively homogeneous, so we apply λ after it (the same matrix up to
+            float32 rounding, and the search rescales one cached update exactly). λ must be ≥ 0: a
+            negative λ before the merge would flip the elected signs, so the two orders disagree.
         drop_rate (p, 0.1), seed (421): DARE, only with inner=dare_ties.
         apply_lora_scale (True): ΔW = (alpha/r)·B@A. The official code uses B@A (it ignores the
             scale, which is 1 in all its configs); set False for the official behaviour.
         max_keeps_sign (True): merge=max returns max|kept|·γ as TIES does; the official KnOTS
             ``masked_merge`` returns max|kept| without the sign (False). Unused by its configs.
-    """
-    updates = knots_updates(pretrained, _factors(finetuned, lora), inner=inner, k=k, merge=merge, scaling=scaling,
-                            drop_rate=drop_rate, seed=seed, apply_lora_scale=apply_lora_scale,
-                            max_keeps_sign=max_keeps_sign, device=device, cache=cache)
-    return copy_untouched(pretrained, dict(updates))
 
-
-def knots_updates(pretrained: StateDict, models: Sequence[LoraModel], *, inner: str = "ties", k: float = 20.0,
-                  merge: str = "mean", scaling: float = 0.6, drop_rate: float = 0.1, seed: int = 421,
-                  apply_lora_scale: bool = True, max_keeps_sign: bool = True, device=None, cache=None
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(module.weight, merged weight)`` one adapted module at a time (``knots`` without the
-    copy of untouched tensors, so a streamed writer can hold one merged weight at a time).
     The joint SVDs depend on no hyperparameter but ``apply_lora_scale``: a search computes them once
-    (``cache``)."""
+    (``cache``). Yields one adapted module's weight at a time.
+    """
+    models = _factors(finetuned, lora)
     modules = check_lora_models(pretrained, models)
     bases, blocks = memo(cache, ("knots_svd", apply_lora_scale),
                          lambda: _joint_svds(modules, models, apply_lora_scale, device))
     stream = lambda: ((module, blocks[module]) for module in modules)  # noqa: E731
-    merged = _inner_merge(stream, inner=inner, k=k, merge=merge, scaling=scaling, drop_rate=drop_rate,
-                          seed=seed, max_keeps_sign=max_keeps_sign)
+    merged = _inner_merge(stream, inner=inner, k=k, merge=merge, drop_rate=drop_rate, seed=seed,
+                          max_keeps_sign=max_keeps_sign)
     for module, sv in merged:
-        key = module + ".weight"
-        yield key, add_scaled(pretrained[key], bases[module] @ sv, 1.0)
+        yield module + ".weight", Update(bases[module] @ sv, scaling)
 
 
 def _joint_svds(modules, models, apply_lora_scale, device) -> tuple[dict, dict]:
@@ -161,7 +157,8 @@ def _joint_svds(modules, models, apply_lora_scale, device) -> tuple[dict, dict]:
     return bases, blocks
 
 
-@register("lora_merge", linear_in="scaling", inputs="lora")
+@register("lora_merge", linear_in="scaling", inputs="lora",
+          memory="one adapted module's dense ΔW per task (TIES: global-trim histograms, ΔW recomputed per pass)")
 def lora_merge(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
                inner: Inner = "ties",
                k: Percent = 20.0,
@@ -170,39 +167,30 @@ def lora_merge(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
                drop_rate: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.2,
                seed: int = 424,
                apply_lora_scale: bool = True,
-               lora=None, device=None) -> StateDict:
+               lora=None, device=None):
     """KnOTS' LoRA baselines (``representation='vector'``): merge the dense ΔW_t = scale·B_t A_t.
 
     inner=task_arithmetic: W = W0 + λ·Σ_t ΔW_t (merge=sum) or λ·(1/T)Σ_t ΔW_t (merge=mean).
     inner=ties / dare_ties: TIES over the ΔW_t of all adapted modules, top-k global per task
-    over those modules, λ applied before the disjoint merge; dare_ties applies DARE to each ΔW_t
-    first (official RNG order over sorted module names).
+    over those modules, λ applied to the merged update (official: before the disjoint merge; the same
+    matrix up to rounding, see ``knots``); dare_ties applies DARE to each ΔW_t first (official RNG
+    order over sorted module names).
 
     Defaults: ViT-B/32 TIES baseline ``vitB_r16_ties`` uses k=30, λ=0.3 (ViT-L/14: k=20, λ=0.3);
     TA ``vitB_r16_tv``: merge=sum, λ=0.1 (ViT-L/14: merge=mean, λ=0.3); DARE-TIES: k=100,
     p=0.2, seed 424, λ=0.6. ``apply_lora_scale`` as in ``knots`` (official: False).
     Unlike the official baselines, ΔW_t is recomputed module by module in each pass, never
-    concatenated over the model.
+    concatenated over the model. Only the adapted modules are yielded; the rest stays θ0.
     """
-    updates = lora_merge_updates(pretrained, _factors(finetuned, lora), inner=inner, k=k, merge=merge,
-                                 scaling=scaling, drop_rate=drop_rate, seed=seed,
-                                 apply_lora_scale=apply_lora_scale, device=device)
-    return copy_untouched(pretrained, dict(updates))
-
-
-def lora_merge_updates(pretrained: StateDict, models: Sequence[LoraModel], *, inner: str = "ties", k: float = 20.0,
-                       merge: str = "mean", scaling: float = 0.3, drop_rate: float = 0.2, seed: int = 424,
-                       apply_lora_scale: bool = True, device=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(module.weight, merged weight)`` one adapted module at a time (``lora_merge`` streamed)."""
+    models = _factors(finetuned, lora)
     modules = check_lora_models(pretrained, models)
     stream = lambda: ((m, [lora_delta(x[m], apply_lora_scale, device) for x in models]) for m in modules)  # noqa: E731
     if inner == "task_arithmetic":
         if merge not in ("mean", "sum"):
             raise ValueError("inner=task_arithmetic: use merge=mean or sum")
-        merged = ((m, scaling * (torch.stack(d).mean(0) if merge == "mean" else torch.stack(d).sum(0)))
-                  for m, d in stream())
+        merged = ((m, torch.stack(d).mean(0) if merge == "mean" else torch.stack(d).sum(0)) for m, d in stream())
     else:
-        merged = _inner_merge(stream, inner=inner, k=k, merge=merge, scaling=scaling, drop_rate=drop_rate,
-                              seed=seed, max_keeps_sign=True)
+        merged = _inner_merge(stream, inner=inner, k=k, merge=merge, drop_rate=drop_rate, seed=seed,
+                              max_keeps_sign=True)
     for m, delta in merged:
-        yield m + ".weight", add_scaled(pretrained[m + ".weight"], delta, 1.0)
+        yield m + ".weight", Update(delta, scaling)

@@ -18,6 +18,7 @@ from typing import Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
+from taskmerge.merging.inputs import dtype_of, shape_of
 from taskmerge.merging.registry import StateDict
 
 
@@ -64,14 +65,14 @@ def check_lora_models(pretrained: StateDict, models: Sequence[LoraModel]) -> lis
             if not all(hasattr(f, name) for name in ("A", "B", "scale")):
                 raise ValueError(f"adapter {i}: module {module} is not LoRA factors (A, B, scale): {type(f).__name__}")
             key = module + ".weight"
-            if key not in pretrained or not pretrained[key].is_floating_point():
+            if key not in pretrained or not dtype_of(pretrained, key).is_floating_point:
                 raise ValueError(f"adapter {i}: module {module} has no floating pretrained weight {key}")
             if f.A.ndim != 2 or f.B.ndim != 2 or f.A.shape[0] != f.B.shape[1]:
                 raise ValueError(f"adapter {i}: module {module} has A {tuple(f.A.shape)}, B {tuple(f.B.shape)}: "
                                  f"expected A [r, in], B [out, r]")
-            if (f.B.shape[0], f.A.shape[1]) != tuple(pretrained[key].shape):
+            if (f.B.shape[0], f.A.shape[1]) != shape_of(pretrained, key):
                 raise ValueError(f"adapter {i}: module {module} gives a {f.B.shape[0]}x{f.A.shape[1]} update, "
-                                 f"pretrained {key} is {tuple(pretrained[key].shape)}")
+                                 f"pretrained {key} is {shape_of(pretrained, key)}")
             if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
                 raise ValueError(f"adapter {i}: module {module} contains NaN or Inf")
     return modules

@@ -23,48 +23,65 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from taskmerge.merging.primitives import add_scaled, copy_untouched, float_items, state_dict_stream, memo
+from taskmerge.merging.inputs import float_keys, task_stream, tensors
+from taskmerge.merging.outputs import Update, resolve
+from taskmerge.merging.primitives import memo
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.ties import ties_stream
 
 Masks = list[dict[str, torch.Tensor]]  # one {tensor name: bool mask} per task, in input order
 MASK_FORMAT = "taskmerge-packed-masks-v1"
 Lambda = Annotated[float, Range(0.0, None)]
+CARRIES_MTL = ("τ_MTL in float32 (4 bytes per parameter; in `scratch`: memory, or disk when streaming; computed "
+               "once per search), plus one key of every input")
 
 
 def multitask_vector(pretrained: StateDict, finetuned: Sequence[StateDict], *, use_ties: bool = False,
-                     device=None) -> StateDict:
-    """τ_MTL in float32 for every floating tensor: Σ_t τ_t, or TIES (k=20, global trim, disjoint sum)."""
-    stream = state_dict_stream(pretrained, finetuned, device)
-    if use_ties:
-        return dict(ties_stream(stream, k=20, merge="sum"))
-    return {key: torch.stack(taus).sum(0) for key, taus in stream()}
+                     device=None, out=None):
+    """τ_MTL in float32 for every floating tensor, Σ_t τ_t or TIES (k=20, global trim, disjoint sum),
+    written into ``out`` (a dict by default; a disk-backed scratch mapping when streaming)."""
+    out = {} if out is None else out
+    stream = task_stream(pretrained, finetuned, device)
+    merged = ties_stream(stream, k=20, merge="sum") if use_ties else \
+        ((key, torch.stack(taus).sum(0)) for key, taus in stream())
+    for key, tau in merged:
+        out[key] = tau
+    return out
+
+
+def _lambdas(mask_lambda, n: int) -> list[float]:
+    lambdas = [float(mask_lambda)] * n if isinstance(mask_lambda, (int, float)) else list(mask_lambda)
+    if len(lambdas) != n:
+        raise ValueError(f"got {len(lambdas)} mask_lambda values for {n} tasks")
+    if any(lam < 0 for lam in lambdas):
+        raise ValueError(f"mask_lambda must be >= 0, got {lambdas}")
+    return lambdas
+
+
+def key_masks(key: str, pretrained: StateDict, finetuned: Sequence[StateDict], tau_mtl: torch.Tensor,
+              lambdas: Sequence[float], device=None) -> list[torch.Tensor]:
+    """m_t = |θ0 − θ_t| > λ_t·|(θ0 + τ_MTL) − θ_t| for one tensor, every task."""
+    base, *thetas = tensors(key, [pretrained, *finetuned], device)
+    multi = base + tau_mtl.to(base.device)
+    return [(base - theta).abs() > (multi - theta).abs() * lam for theta, lam in zip(thetas, lambdas)]
 
 
 def tall_masks_from_mtl(pretrained: StateDict, finetuned: Sequence[StateDict], tau_mtl: StateDict,
                         mask_lambda: float | Sequence[float], device=None) -> Masks:
-    """m_t = |θ0 − θ_t| > λ_t·|(θ0 + τ_MTL) − θ_t| for each task; ``mask_lambda`` is one λ or one per task."""
-    lambdas = [float(mask_lambda)] * len(finetuned) if isinstance(mask_lambda, (int, float)) else list(mask_lambda)
-    if len(lambdas) != len(finetuned):
-        raise ValueError(f"got {len(lambdas)} mask_lambda values for {len(finetuned)} tasks")
-    if any(lam < 0 for lam in lambdas):
-        raise ValueError(f"mask_lambda must be >= 0, got {lambdas}")
+    """Every task's masks over the whole model; ``mask_lambda`` is one λ or one per task."""
+    lambdas = _lambdas(mask_lambda, len(finetuned))
     masks: Masks = [{} for _ in finetuned]
-    for key, base in float_items(pretrained):
-        base = base.to(device=device, dtype=torch.float32)
-        multi = base + tau_mtl[key].to(device)
-        for t, (ft, lam) in enumerate(zip(finetuned, lambdas)):
-            theta = ft[key].to(device=device, dtype=torch.float32)
-            masks[t][key] = (base - theta).abs() > (multi - theta).abs() * lam
+    for key in float_keys(pretrained):
+        for t, m in enumerate(key_masks(key, pretrained, finetuned, tau_mtl[key], lambdas, device)):
+            masks[t][key] = m
     return masks
 
 
 def apply_mask(pretrained: StateDict, tau_mtl: StateDict, mask: dict[str, torch.Tensor], scaling: float = 1.0
                ) -> StateDict:
     """θ0 + s·(mask ⊙ τ_MTL) in the input dtype; tensors without a mask are copied from θ0."""
-    merged = {key: add_scaled(pretrained[key], tau_mtl[key] * mask[key].to(tau_mtl[key].device), scaling)
-              for key in tau_mtl}
-    return copy_untouched(pretrained, merged)
+    return {key: resolve(t, Update(tau_mtl[key] * mask[key].to(tau_mtl[key].device), scaling))
+            if key in tau_mtl else t.clone() for key, t in pretrained.items()}
 
 
 def consensus_mask(masks: Masks, min_tasks: int) -> dict[str, torch.Tensor]:
@@ -80,13 +97,20 @@ def consensus_from_masks(pretrained: StateDict, tau_mtl: StateDict, masks: Masks
     return apply_mask(pretrained, tau_mtl, consensus_mask(masks, min_tasks), scaling)
 
 
-@register("tall_mask", output="per_task")
+def _shared_mtl(pretrained, finetuned, use_ties, device, cache, scratch):
+    return memo(cache, ("tau_mtl", use_ties),
+                lambda: multitask_vector(pretrained, finetuned, use_ties=use_ties, device=device, out=scratch))
+
+
+@register("tall_mask", output="per_task", memory=CARRIES_MTL + " and its T outputs")
 def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
-              mask_lambda: Lambda = 0.4, use_ties: bool = False, device=None, cache=None) -> list[StateDict]:
+              mask_lambda: Lambda = 0.4, use_ties: bool = False, device=None, cache=None, scratch=None,
+              artifacts=None):
     """TALL masks: one model per task, θ_t' = θ0 + m_t ⊙ τ_MTL (equations in the module docstring).
 
     Every floating tensor takes part (official: the whole flattened state dict); integer buffers
-    are copied from θ0.
+    are copied from θ0. With ``artifacts`` (a dict), the masks are left in ``artifacts["masks"]``
+    (one {name: bool mask} per task) for :func:`save_masks`.
 
     Hyperparameters:
         mask_lambda (λ, 0.4): the official code has no single default; it builds masks for
@@ -95,17 +119,23 @@ def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             :func:`multitask_vector` + :func:`tall_masks_from_mtl` with a list of λ.
         use_ties (False): τ_MTL from TIES (k=20, disjoint sum) instead of the task-vector sum.
     """
-    tau_mtl = memo(cache, ("tau_mtl", use_ties),
-                   lambda: multitask_vector(pretrained, finetuned, use_ties=use_ties, device=device))
-    masks = tall_masks_from_mtl(pretrained, finetuned, tau_mtl, mask_lambda, device)
-    return [apply_mask(pretrained, tau_mtl, m) for m in masks]
+    tau_mtl = _shared_mtl(pretrained, finetuned, use_ties, device, cache, scratch)
+    lambdas = _lambdas(mask_lambda, len(finetuned))
+    kept = artifacts.setdefault("masks", [{} for _ in finetuned]) if artifacts is not None else None
+    for key in float_keys(pretrained):
+        tau = tau_mtl[key]
+        masks = key_masks(key, pretrained, finetuned, tau, lambdas, device)
+        if kept is not None:
+            for t, m in enumerate(masks):
+                kept[t][key] = m.cpu()
+        yield key, [Update(tau * m, 1.0) for m in masks]
 
 
-@register("consensus", linear_in="scaling")
+@register("consensus", linear_in="scaling", memory=CARRIES_MTL)
 def consensus(pretrained: StateDict, finetuned: Sequence[StateDict], *,
               min_tasks: Annotated[int, Range(0, None)] = 2,
               mask_lambda: Lambda = 0.4, use_ties: bool = False,
-              scaling: Annotated[float, Range(0.0, None)] = 0.3, device=None, cache=None) -> StateDict:
+              scaling: float = 0.3, device=None, cache=None, scratch=None):
     """Consensus merging: θ = θ0 + α·(τ_MTL ⊙ [Σ_t m_t ≥ k]) (equations in the module docstring).
 
     Hyperparameters:
@@ -117,12 +147,16 @@ def consensus(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             :func:`consensus_from_masks`.
         use_ties (False): TIES (k=20, disjoint sum) for τ_MTL and the merged vector.
         scaling (α, 0.3): official grid {0.1, …, 1.0} (tall_masks) or {1/30, …, 1} (TSV fork);
-            no official default, 0.3 is Task Arithmetic's.
+            no official default, 0.3 is Task Arithmetic's. Negative α negates the merged vector.
     """
-    tau_mtl = memo(cache, ("tau_mtl", use_ties),
-                   lambda: multitask_vector(pretrained, finetuned, use_ties=use_ties, device=device))
-    masks = tall_masks_from_mtl(pretrained, finetuned, tau_mtl, mask_lambda, device)
-    return consensus_from_masks(pretrained, tau_mtl, masks, min_tasks, scaling)
+    if min_tasks < 0:
+        raise ValueError(f"min_tasks={min_tasks} must be >= 0")
+    tau_mtl = _shared_mtl(pretrained, finetuned, use_ties, device, cache, scratch)
+    lambdas = _lambdas(mask_lambda, len(finetuned))
+    for key in float_keys(pretrained):
+        tau = tau_mtl[key]
+        count = torch.stack(key_masks(key, pretrained, finetuned, tau, lambdas, device)).sum(0)
+        yield key, Update(tau * (count >= min_tasks).to(tau.device), scaling)
 
 
 def save_masks(path: str | os.PathLike, masks: Masks) -> None:

@@ -30,7 +30,8 @@ from typing import Annotated, Callable, Literal, Sequence
 
 import torch
 
-from taskmerge.merging.primitives import check_models, copy_untouched, float_items
+from taskmerge.merging.inputs import float_keys, shape_of, shapes, tensors
+from taskmerge.merging.outputs import collect
 from taskmerge.merging.regmean import check_gram, scale_off_diagonal
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.stats.keys import check_stats_list, fisher_block_key, fisher_key, gather, gram_in_key, gram_out_key
@@ -147,44 +148,45 @@ def _stack(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _solve_blocks(blocks: list[_Block], iterations: int, tolerance: float, batch_numel: int) -> tuple[dict, dict]:
-    """Run CG on all blocks, stacking same-signature blocks up to ``batch_numel`` operator elements."""
-    groups = defaultdict(list)
-    for blk in blocks:
-        groups[blk.signature()].append(blk)
-    results, report = {}, {}
+def _solve_batches(blocks, iterations: int, tolerance: float, batch_numel: int, report: dict):
+    """Yield ``(key, solution)`` for a stream of blocks, running CG on stacks of same-signature blocks of
+    at most ``batch_numel`` operator elements, each stack as soon as it is full (so the batches, and the
+    results, do not depend on whether the model is held in memory or streamed)."""
+    pending: dict = defaultdict(list)
+    sizes: dict = defaultdict(int)
 
-    def run(sig, chunk):
+    def run(sig):
+        chunk = pending.pop(sig)
+        sizes.pop(sig)
         ops = tuple(_stack([c.ops[j] for c in chunk]) for j in range(len(chunk[0].ops)))
         b, x0 = _stack([c.b for c in chunk]), _stack([c.x0 for c in chunk])
         x, info = conjugate_gradient(_matvec(sig[0], ops), b, x0, maxiter=iterations, rtol=tolerance,
                                      names=[c.key for c in chunk])
         for k, c in enumerate(chunk):
-            results[c.key] = x[k]
             report[c.key] = {"iterations": int(info["iterations"][k]), "residual": float(info["residual"][k]),
                              "converged": bool(info["converged"][k])}
             log.debug("mats CG %s: %d iterations, relative residual %.3g", c.key,
                       report[c.key]["iterations"], report[c.key]["residual"])
+            yield c.key, x[k]
 
-    for sig, members in groups.items():
-        chunk, size = [], 0
-        for blk in members:
-            if chunk and size + blk.numel() > batch_numel:
-                run(sig, chunk)
-                chunk, size = [], 0
-            chunk.append(blk)
-            size += blk.numel()
-        if chunk:
-            run(sig, chunk)
-    return results, report
+    for blk in blocks:
+        if isinstance(blk, tuple):  # (key, averaged tensor): no system to solve
+            yield blk
+            continue
+        sig = blk.signature()
+        if pending[sig] and sizes[sig] + blk.numel() > batch_numel:
+            yield from run(sig)
+        pending[sig].append(blk)
+        sizes[sig] += blk.numel()
+    for sig in list(pending):
+        yield from run(sig)
 
 
 def _initial(init: str, init_scaling: float, pretrained: StateDict, finetuned: Sequence[StateDict]):
     """``key -> x0`` (float32 on the device of the finetuned tensors)."""
     if init in ("average", "pretrained", "task_arithmetic", "zeros"):
         def x0(key, device):
-            thetas = [sd[key].to(device=device, dtype=torch.float32) for sd in finetuned]
-            base = pretrained[key].to(device=device, dtype=torch.float32)
+            base, *thetas = tensors(key, [pretrained, *finetuned], device)
             if init == "average":
                 return torch.stack(thetas).mean(0)
             if init == "pretrained":
@@ -199,24 +201,30 @@ def _initial(init: str, init_scaling: float, pretrained: StateDict, finetuned: S
     from safetensors.torch import load_file
 
     merged = load_file(init)
-    for key, t in float_items(pretrained):
-        if key not in merged or merged[key].shape != t.shape:
+    for key in float_keys(pretrained):
+        shape = shape_of(pretrained, key)
+        if key not in merged or tuple(merged[key].shape) != shape:
             got = tuple(merged[key].shape) if key in merged else "missing"
-            raise ValueError(f"mats: init file {init}: tensor {key} is {got}, the model has {tuple(t.shape)}")
+            raise ValueError(f"mats: init file {init}: tensor {key} is {got}, the model has {shape}")
     return lambda key, device: merged[key].to(device=device, dtype=torch.float32)
 
 
-def mats_merge(pretrained: StateDict, finetuned: Sequence[StateDict], *, objective: Objective = "blockwise_fisher",
-               off_diagonal_scale: float = 1.0, iterations: int = 100, tolerance: float = 1e-5,
-               init: str = "task_arithmetic", init_scaling: float = 0.3, stats=None, device=None,
-               batch_numel: int = BATCH_NUMEL) -> tuple[StateDict, dict]:
-    """:func:`mats` returning ``(merged, cg_log)``; ``cg_log[key]`` has iterations, relative residual, converged."""
-    check_models(pretrained, finetuned)
+def mats_stream(pretrained: StateDict, finetuned: Sequence[StateDict], *, objective: Objective = "blockwise_fisher",
+                off_diagonal_scale: float = 1.0, iterations: int = 100, tolerance: float = 1e-5,
+                init: str = "task_arithmetic", init_scaling: float = 0.3, stats=None, device=None,
+                batch_numel: int = BATCH_NUMEL, report: dict | None = None):
+    """:func:`mats` as a stream of ``(key, merged float32)``; ``report[key]`` receives each block's CG log
+    (iterations, relative residual, converged)."""
+    report = {} if report is None else report
     if objective != "average":
-        stats = check_stats_list(stats, len(finetuned), "mats", pretrained)
+        stats = check_stats_list(stats, len(finetuned), "mats", shapes(pretrained))
+        suffix = {"diagonal_fisher": (".fisher",), "regmean": (".gram_in",),
+                  "blockwise_fisher": (".gram_out", ".fisher_block")}[objective]
+        if not any(k.endswith(suffix) for s in stats for k in s):
+            raise ValueError(f"mats: objective {objective!r} found no statistics for any tensor "
+                             f"(need {' or '.join(suffix)} entries)")
     x0_of = _initial(init, init_scaling, pretrained, finetuned)
     lam = off_diagonal_scale
-    blocks, averaged = [], {}
 
     def grams(key, which):
         gs = gather(stats, which(key), "mats")
@@ -229,57 +237,57 @@ def mats_merge(pretrained: StateDict, finetuned: Sequence[StateDict], *, objecti
             out.append(scale_off_diagonal(g, lam))
         return out
 
-    for key, base in float_items(pretrained):
-        thetas = [sd[key].to(device=device, dtype=torch.float32) for sd in finetuned]
-        dev = thetas[0].device
-        is_linear = key.endswith(".weight") and base.dim() == 2
-        blk = None
-        if objective == "average":
-            blk = _Block(key, "diag", (torch.ones_like(thetas[0]),), torch.stack(thetas).mean(0), x0_of(key, dev))
-        elif objective == "diagonal_fisher":
-            fs = gather(stats, fisher_key(key), "mats")
-            if fs is not None:  # no 1e-8 floor here, as the official CG variant
-                fs = [f.to(device=dev, dtype=torch.float32) for f in fs]
-                blk = _Block(key, "diag", (sum(fs),), sum(f * th for f, th in zip(fs, thetas)), x0_of(key, dev))
-        elif objective == "regmean" and is_linear:
-            gin = grams(key, gram_in_key)
-            if gin is not None:
-                blk = _Block(key, "right", (sum(gin),), sum(th @ g for g, th in zip(gin, thetas)), x0_of(key, dev))
-        elif objective == "blockwise_fisher":
-            fb = gather(stats, fisher_block_key(key), "mats")
-            if fb is not None:
-                fb = [f.to(device=dev, dtype=torch.float32) for f in fb]
-                for t, f in enumerate(fb):
-                    check_gram(f, f"stats[{t}]: {fisher_block_key(key)}")
-                b = sum(f @ th.flatten() for f, th in zip(fb, thetas))
-                blk = _Block(key, "dense", (sum(fb),), b, x0_of(key, dev).flatten())
-            elif is_linear and gather(stats, gram_out_key(key), "mats") is not None:
-                gin, gout = grams(key, gram_in_key), grams(key, gram_out_key)
-                if gin is None:
-                    raise ValueError(f"mats: {gram_out_key(key)} is present but {gram_in_key(key)} is missing")
-                b = sum(go @ th @ gi for go, gi, th in zip(gout, gin, thetas))
-                blk = _Block(key, "kron", tuple(gout) + tuple(gin), b, x0_of(key, dev))
-        if blk is None:
-            averaged[key] = torch.stack(thetas).mean(0)
-        else:
-            blocks.append(blk)
-    if not blocks:
-        raise ValueError(f"mats: objective {objective!r} found no statistics for any tensor "
-                         f"(need {'.fisher' if objective == 'diagonal_fisher' else '.gram_in'}"
-                         f"{' and .gram_out, or .fisher_block' if objective == 'blockwise_fisher' else ''} entries)")
-    solved, report = _solve_blocks(blocks, iterations, tolerance, batch_numel)
-    merged = {}
-    for key, base in float_items(pretrained):
-        value = averaged[key] if key in averaged else solved[key].reshape(base.shape)
-        merged[key] = value.to(device=base.device, dtype=base.dtype)
+    def blocks():
+        for key in float_keys(pretrained):
+            base_shape = shape_of(pretrained, key)
+            thetas = tensors(key, finetuned, device)
+            dev = thetas[0].device
+            is_linear = key.endswith(".weight") and len(base_shape) == 2
+            blk = None
+            if objective == "average":
+                blk = _Block(key, "diag", (torch.ones_like(thetas[0]),), torch.stack(thetas).mean(0), x0_of(key, dev))
+            elif objective == "diagonal_fisher":
+                fs = gather(stats, fisher_key(key), "mats")
+                if fs is not None:  # no 1e-8 floor here, as the official CG variant
+                    fs = [f.to(device=dev, dtype=torch.float32) for f in fs]
+                    blk = _Block(key, "diag", (sum(fs),), sum(f * th for f, th in zip(fs, thetas)), x0_of(key, dev))
+            elif objective == "regmean" and is_linear:
+                gin = grams(key, gram_in_key)
+                if gin is not None:
+                    blk = _Block(key, "right", (sum(gin),), sum(th @ g for g, th in zip(gin, thetas)), x0_of(key, dev))
+            elif objective == "blockwise_fisher":
+                fb = gather(stats, fisher_block_key(key), "mats")
+                if fb is not None:
+                    fb = [f.to(device=dev, dtype=torch.float32) for f in fb]
+                    for t, f in enumerate(fb):
+                        check_gram(f, f"stats[{t}]: {fisher_block_key(key)}")
+                    b = sum(f @ th.flatten() for f, th in zip(fb, thetas))
+                    blk = _Block(key, "dense", (sum(fb),), b, x0_of(key, dev).flatten())
+                elif is_linear and gather(stats, gram_out_key(key), "mats") is not None:
+                    gin, gout = grams(key, gram_in_key), grams(key, gram_out_key)
+                    if gin is None:
+                        raise ValueError(f"mats: {gram_out_key(key)} is present but {gram_in_key(key)} is missing")
+                    b = sum(go @ th @ gi for go, gi, th in zip(gout, gin, thetas))
+                    blk = _Block(key, "kron", tuple(gout) + tuple(gin), b, x0_of(key, dev))
+            yield (key, torch.stack(thetas).mean(0)) if blk is None else blk
+
+    for key, value in _solve_batches(blocks(), iterations, tolerance, batch_numel, report):
+        yield key, value.reshape(shape_of(pretrained, key))
     not_conv = [k for k, r in report.items() if not r["converged"]]
-    log.info("mats[%s]: %d blocks by CG (%d not converged in %d iterations, worst relative residual %.3g), "
-             "%d tensors averaged", objective, len(report), len(not_conv), iterations,
-             max((r["residual"] for r in report.values()), default=0.0), len(averaged))
-    return copy_untouched(pretrained, merged), report
+    log.info("mats[%s]: %d blocks by CG (%d not converged in %d iterations, worst relative residual %.3g)",
+             objective, len(report), len(not_conv), iterations,
+             max((r["residual"] for r in report.values()), default=0.0))
 
 
-@register("mats")
+def mats_merge(pretrained: StateDict, finetuned: Sequence[StateDict], **kwargs) -> tuple[StateDict, dict]:
+    """:func:`mats` returning ``(merged, cg_log)``; ``cg_log[key]`` has iterations, relative residual, converged."""
+    report: dict = {}
+    merged = collect(pretrained, mats_stream(pretrained, finetuned, report=report, **kwargs))
+    return merged, report
+
+
+@register("mats", memory="the CG batches in flight: per shape and kind of block, at most 2^26 operator elements "
+                         "(256 MB float32) of systems, each solved as soon as its batch is full")
 def mats(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          objective: Objective = "blockwise_fisher",
          off_diagonal_scale: Annotated[float, Range(0.0, 1.0)] = 1.0,
@@ -287,7 +295,7 @@ def mats(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          tolerance: Annotated[float, Range(0.0, None)] = 1e-5,
          init: str = "task_arithmetic",
          init_scaling: Annotated[float, Range(0.0, None)] = 0.3,
-         stats=None, device=None) -> StateDict:
+         stats=None, device=None):
     """MaTS: conjugate gradient on each block's merging objective (see the module docstring).
 
     Hyperparameters:
@@ -311,7 +319,6 @@ def mats(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     The CG log (iterations and residual per block) is logged at DEBUG/INFO and returned by
     :func:`mats_merge`.
     """
-    merged, _ = mats_merge(pretrained, finetuned, objective=objective, off_diagonal_scale=off_diagonal_scale,
-                           iterations=iterations, tolerance=tolerance, init=init, init_scaling=init_scaling,
-                           stats=stats, device=device)
-    return merged
+    return mats_stream(pretrained, finetuned, objective=objective, off_diagonal_scale=off_diagonal_scale,
+                       iterations=iterations, tolerance=tolerance, init=init, init_scaling=init_scaling,
+                       stats=stats, device=device)

@@ -34,13 +34,17 @@ Notes on fidelity:
 """
 from __future__ import annotations
 
-from typing import Annotated, Iterator, Mapping, Sequence
+from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.primitives import copy_untouched, float_items
+from taskmerge.merging.inputs import float_keys, read, shape_of
+from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.selection import is_matrix
+
+CARRIES_TAU_BAR = ("τ̄ in float32 (4 bytes per parameter, in `scratch`: memory, or disk when streaming), "
+                   "plus one key of θ0 and of the current task")
 
 
 def crossing_rank(s: torch.Tensor, alpha: float) -> int:
@@ -67,76 +71,43 @@ def project_update(tau_bar: torch.Tensor, tau: torch.Tensor, alpha: float, zero_
     return out
 
 
-def _materialise(pretrained: StateDict, tau_bar: Mapping[str, torch.Tensor]) -> StateDict:
-    merged = {}
-    for key, delta in tau_bar.items():
-        base = pretrained[key]
-        merged[key] = (base.to(device=delta.device, dtype=torch.float32) + delta).to(base.device, base.dtype)
-    return copy_untouched(pretrained, merged)
+def tau_of(sd: StateDict, pretrained: StateDict, key: str, device) -> torch.Tensor:
+    """τ = θ − θ0 for one key, float32 on ``device``."""
+    return read(sd, key).to(device=device, dtype=torch.float32) - read(pretrained, key).to(device=device,
+                                                                                            dtype=torch.float32)
 
 
-def first_model(pretrained: StateDict, finetuned0: StateDict) -> StateDict:
-    """The first step of every continual method: θ_1 exactly, integer buffers from θ0."""
-    return copy_untouched(pretrained, {k: finetuned0[k].clone() for k, _ in float_items(pretrained)})
+def sq_norm(t: torch.Tensor) -> float:
+    return float(t.double().pow(2).sum())
 
 
-def opcm_steps(pretrained: StateDict, finetuned: Sequence[StateDict], *, alpha: float = 0.5,
-               zero_diagonal: bool = True, official_class_embedding: bool = False,
-               kinds: Mapping[str, str] | None = None, device=None) -> Iterator[StateDict]:
-    """Yield the OPCM merged state dict after each task (T dicts, the first is θ_1).
-
-    Each yielded dict is new (later steps never modify it). Memory: θ0, one τ̄ in float32,
-    and one task's tensors at a time.
-    """
-    keys = [k for k, _ in float_items(pretrained)]
-    tau_bar = {k: _tau(finetuned[0], pretrained, k, device) for k in keys}
-    norms = [_global_norm(tau_bar.values())]
-    lam_prev = 1.0
-    yield first_model(pretrained, finetuned[0])
-    for sd in finetuned[1:]:
-        sq_tau, sq_new = 0.0, 0.0
-        for key in keys:
-            tau = _tau(sd, pretrained, key, device)
-            sq_tau += float(tau.double().pow(2).sum())
-            if official_class_embedding and key.endswith("class_embedding"):
-                new = tau_bar[key]
-            elif is_matrix(key, tau, kinds):
-                new = lam_prev * tau_bar[key] + project_update(tau_bar[key], tau, alpha, zero_diagonal)
-            else:
-                new = lam_prev * tau_bar[key] + tau
-            tau_bar[key] = new
-            sq_new += float(new.double().pow(2).sum())
-        norms.append(sq_tau ** 0.5)
-        avg, n = sum(norms) / len(norms), sq_new ** 0.5
-        lam_prev = n / avg if avg > 0 else 1.0
-        if n > 0:
-            tau_bar = {k: v * (avg / n) for k, v in tau_bar.items()}
-        yield _materialise(pretrained, tau_bar)
+def first_view(pretrained: StateDict, finetuned0: StateDict):
+    """The first step of every continual method: θ_1 exactly."""
+    return _View(lambda: ((k, read(finetuned0, k).clone()) for k in float_keys(pretrained)))
 
 
-def _tau(sd: StateDict, pretrained: StateDict, key: str, device) -> torch.Tensor:
-    return sd[key].to(device=device, dtype=torch.float32) - pretrained[key].to(device=device, dtype=torch.float32)
+class _View:
+    """One step's merged model as a re-iterable stream of ``(key, value)`` (read before the next step)."""
+
+    def __init__(self, produce):
+        self.produce = produce
+
+    def __iter__(self):
+        return iter(self.produce())
 
 
-def _global_norm(tensors) -> float:
-    return sum(float(t.double().pow(2).sum()) for t in tensors) ** 0.5
+def scratch_view(keys, scratch, scale: float = 1.0) -> _View:
+    """θ0 + scale·τ̄ for every key, τ̄ read from ``scratch``."""
+    return _View(lambda: ((k, Update(scratch[k], scale)) for k in keys))
 
 
-def last(steps: Iterator[StateDict]) -> StateDict:
-    """Run a step generator to the end and return its final state dict."""
-    result = None
-    for result in steps:
-        pass
-    return result
-
-
-@register("opcm", sequential=True)
+@register("opcm", sequential=True, memory=CARRIES_TAU_BAR)
 def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          alpha: Annotated[float, Range(0.0, 1.0)] = 0.5,
          zero_diagonal: bool = True,
          official_class_embedding: bool = False,
-         kinds=None, device=None) -> StateDict:
-    """OPCM (Tang et al., 2025; equations in the module docstring): the model after the last task.
+         kinds=None, device=None, scratch=None):
+    """OPCM (Tang et al., 2025; equations in the module docstring): one step view per task, the merge is the last.
 
     Hyperparameters:
         alpha (α, default 0.5, as in the paper's main results; ablation grid {0.1, …, 1.0}, no
@@ -146,7 +117,39 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             False = paper commit f083162, where the diagonal fill was a no-op).
         official_class_embedding (default False): True keeps ``*class_embedding`` at the first
             model's value (only rescaled), as the official leaf-module loop does.
-    Per-step models (continual protocol): ``opcm_steps``.
+
+    τ̄ lives in ``scratch`` (a dict in memory; float32 files when streaming), one key at a time in
+    memory; each step is one pass over the model, with the global rescale of the previous step
+    folded into the next pass.
     """
-    return last(opcm_steps(pretrained, finetuned, alpha=alpha, zero_diagonal=zero_diagonal,
-                           official_class_embedding=official_class_embedding, kinds=kinds, device=device))
+    keys = float_keys(pretrained)
+    tau_bar = {} if scratch is None else scratch
+    matrix = {k: is_matrix(k, torch.empty(shape_of(pretrained, k), device="meta"), kinds) for k in keys}
+    sq = 0.0
+    for k in keys:
+        tau_bar[k] = t = tau_of(finetuned[0], pretrained, k, device)
+        sq += sq_norm(t)
+    norms, lam_prev, rescale = [sq ** 0.5], 1.0, 1.0
+    yield first_view(pretrained, finetuned[0])
+    for sd in finetuned[1:]:
+        sq_tau, sq_new = 0.0, 0.0
+        for k in keys:
+            tau = tau_of(sd, pretrained, k, device)
+            sq_tau += sq_norm(tau)
+            bar = tau_bar[k].to(device)
+            if rescale != 1.0:
+                bar = bar * rescale  # the previous step's global rescale, applied as τ̄ is read
+            if official_class_embedding and k.endswith("class_embedding"):
+                new = bar
+            elif matrix[k]:
+                new = lam_prev * bar + project_update(bar, tau, alpha, zero_diagonal)
+            else:
+                new = lam_prev * bar + tau
+            tau_bar[k] = new
+            sq_new += sq_norm(new)
+            del tau, bar, new
+        norms.append(sq_tau ** 0.5)
+        avg, n = sum(norms) / len(norms), sq_new ** 0.5
+        lam_prev = n / avg if avg > 0 else 1.0
+        rescale = avg / n if n > 0 else 1.0
+        yield _View(lambda r=rescale: ((k, Update(tau_bar[k] * r if r != 1.0 else tau_bar[k], 1.0)) for k in keys))

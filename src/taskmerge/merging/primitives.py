@@ -1,10 +1,9 @@
-"""Shared primitives for merging methods: input checks, task vectors, dtype handling.
+"""Shared primitives for merging methods: input checks, trim / elect / disjoint merge, DARE, memo.
 
-Every method works tensor by tensor: it never flattens a whole model into one
-vector, so memory stays at a few tensors per task. Arithmetic runs in float32
-(float64 where the official code does) and results come back in the input dtype.
-Integer buffers (e.g. ``position_ids``) are never touched: they are copied from
-the pretrained model.
+Every method works tensor by tensor (``merging.inputs``): it never flattens a whole model into
+one vector, so memory stays at a few tensors per task. Arithmetic runs in float32 (float64 where
+the official code does) and results come back in the input dtype. Integer buffers (e.g.
+``position_ids``) are never touched: every consumer copies them from the pretrained model.
 """
 from __future__ import annotations
 
@@ -17,17 +16,16 @@ import torch
 from taskmerge.merging.registry import StateDict
 
 
-def is_mergeable(t: torch.Tensor) -> bool:
-    """Floating tensors are merged; integer/bool buffers are copied from the pretrained model."""
-    return t.is_floating_point()
-
-
-def check_models(pretrained: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None) -> None:
+def check_models(pretrained: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None,
+                 finite: bool = True) -> None:
     """Raise a clear ValueError when the models cannot be merged together.
 
     Checks: a non-empty list; identical key sets; equal shapes; one floating dtype per tensor
-    name across models; no NaN/Inf. ``names`` labels the models in messages (file paths).
+    name across models (from the headers of lazy inputs); with ``finite``, no NaN/Inf (reads every
+    tensor once). ``names`` labels the models in messages (file paths).
     """
+    from taskmerge.merging.inputs import dtype_of, shape_of
+
     if not finetuned:
         raise ValueError("the list of fine-tuned models is empty")
     names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]
@@ -38,39 +36,20 @@ def check_models(pretrained: StateDict, finetuned: Sequence[StateDict], names: S
             raise ValueError(f"{name}: tensor names differ from the pretrained model "
                              f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                              f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''})")
-        for key, t0 in pretrained.items():
-            t = sd[key]
-            if t.shape != t0.shape:
-                raise ValueError(f"{name}: tensor {key} has shape {tuple(t.shape)}, pretrained has {tuple(t0.shape)}")
-            if t.dtype != t0.dtype:
-                raise ValueError(f"{name}: tensor {key} has dtype {t.dtype}, pretrained has {t0.dtype} (mixed dtypes)")
+        for key in pretrained:
+            shape, shape0 = shape_of(sd, key), shape_of(pretrained, key)
+            if shape != shape0:
+                raise ValueError(f"{name}: tensor {key} has shape {shape}, pretrained has {shape0}")
+            dtype, dtype0 = dtype_of(sd, key), dtype_of(pretrained, key)
+            if dtype != dtype0:
+                raise ValueError(f"{name}: tensor {key} has dtype {dtype}, pretrained has {dtype0} (mixed dtypes: "
+                                 f"cast every input with --dtype float32|bfloat16|float16)")
+    if not finite:
+        return
     for name, sd in zip(["pretrained", *names], [pretrained, *finetuned]):
-        for key, t in sd.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
+        for key in sd:
+            if dtype_of(sd, key).is_floating_point and not torch.isfinite(sd[key]).all():
                 raise ValueError(f"{name}: tensor {key} contains NaN or Inf")
-
-
-def task_vectors(key: str, pretrained: StateDict, finetuned: Sequence[StateDict],
-                 dtype: torch.dtype = torch.float32, device=None) -> list[torch.Tensor]:
-    """τ_t = θ_t − θ0 for one tensor, upcast to ``dtype`` on ``device``."""
-    base = pretrained[key].to(device=device, dtype=dtype)
-    return [sd[key].to(device=device, dtype=dtype) - base for sd in finetuned]
-
-
-def float_items(pretrained: StateDict) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for every tensor a method merges, in the state dict's order."""
-    return ((k, t) for k, t in pretrained.items() if is_mergeable(t))
-
-
-def add_scaled(base: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
-    """θ0 + s·Δ computed in float32 and returned in ``base``'s dtype and device."""
-    out = base.to(device=delta.device, dtype=torch.float32) + scaling * delta.float()
-    return out.to(device=base.device, dtype=base.dtype)
-
-
-def copy_untouched(pretrained: StateDict, merged: StateDict) -> StateDict:
-    """Fill in the tensors a method did not merge (integer buffers) from the pretrained model, keeping order."""
-    return {k: merged[k] if k in merged else t.clone() for k, t in pretrained.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +59,8 @@ def copy_untouched(pretrained: StateDict, merged: StateDict) -> StateDict:
 # one float32 tensor per task for each key, always in the same order. Methods that need a
 # statistic of the whole model (the global top-k threshold, the majority sign) call it once per
 # pass instead of flattening the model into a [T, D] matrix: memory stays at one key's tensors
-# (unless the whole stream is small enough to keep: ``cached_stream``).
+# (unless the whole stream is small enough to keep: ``cached_stream``). ``inputs.task_stream``
+# builds one from lazily readable models.
 # ---------------------------------------------------------------------------------------------
 TaskStream = Callable[[], Iterable[tuple[str, Sequence[torch.Tensor]]]]
 MergeRule = Literal["mean", "sum", "max"]
@@ -125,34 +105,30 @@ def cached_stream(stream: TaskStream, nbytes: int) -> TaskStream:
     return replay
 
 
-def state_dict_stream(pretrained: StateDict, finetuned: Sequence[StateDict], device=None) -> TaskStream:
-    """Task stream of τ_t = θ_t − θ0 (float32) over every floating tensor, in the state dict's order
-    (kept in memory after the first pass when small enough: :func:`cached_stream`)."""
-    keys = [key for key, _ in float_items(pretrained)]
-    nbytes = 4 * len(finetuned) * sum(pretrained[key].numel() for key in keys)
-    return cached_stream(lambda: ((key, task_vectors(key, pretrained, finetuned, device=device)) for key in keys),
-                         nbytes)
-
-
-def kth_index(numel: int, k: float) -> int:
+def kth_index(numel: int, k: float, exact: bool = False) -> int:
     """1-based rank of the top-k threshold among |x| sorted ascending; 0 means "keep everything".
 
     ``k`` is the percentage *kept* (TIES k=20 keeps 20 %). Official: K = k/100, then
     ``kthvalue(d − int(d·K))`` and keep ``|x| >= thr``: int(d·K) + 1 values survive (plus ties at
     the threshold), one more than K·d. k=100 short-circuits (no trim); when
     int(d·K) = 0 the rank is d, so only the maximum (and its ties) survives.
+    ``exact=True`` keeps int(d·K) values (mergekit's and peft's count): rank d − int(d·K) + 1, and
+    d + 1 (nothing kept) when int(d·K) = 0.
     """
     if not 0 < k <= 100:
         raise ValueError(f"top-k percentage k={k} must be in (0, 100]")
     if k == 100 or numel == 0:
         return 0
-    return numel - int(numel * (k / 100))
+    return numel - int(numel * (k / 100)) + (1 if exact else 0)
 
 
 def kthvalue_abs(tensor: torch.Tensor, rank: int) -> torch.Tensor | None:
-    """``torch.kthvalue(|x|.flatten(), rank)`` of one tensor (None when rank is 0: no trim)."""
+    """``torch.kthvalue(|x|.flatten(), rank)`` of one tensor (None when rank is 0: no trim; +inf when
+    rank exceeds the tensor: nothing kept)."""
     if rank == 0:
         return None
+    if rank > tensor.numel():
+        return torch.tensor(float("inf"))
     return tensor.detach().abs().flatten().kthvalue(rank).values
 
 
@@ -180,10 +156,16 @@ def streamed_kthvalue_abs(stream: TaskStream, ranks: Sequence[int]) -> list[torc
     prefix, rest = {}, {}
     for t in todo:
         cum = high[t].cumsum(0)
+        if int(cum[-1]) + 1 == ranks[t]:  # exact count of zero values: nothing is kept
+            out[t] = torch.tensor(float("inf"))
+            continue
         if int(cum[-1]) < ranks[t]:
             raise ValueError(f"rank {ranks[t]} exceeds the {int(cum[-1])} values of task {t}")
         prefix[t] = int(torch.searchsorted(cum, ranks[t]))  # first bucket with cum >= rank
         rest[t] = ranks[t] - (int(cum[prefix[t] - 1]) if prefix[t] > 0 else 0)
+    todo = [t for t in todo if out[t] is None]
+    if not todo:
+        return out
     low = {t: torch.zeros(1 << 16, dtype=torch.long) for t in todo}
     for _, taus in stream():
         for t in todo:
@@ -195,13 +177,13 @@ def streamed_kthvalue_abs(stream: TaskStream, ranks: Sequence[int]) -> list[torc
     return out
 
 
-def global_topk_thresholds(stream: TaskStream, k: float) -> list[torch.Tensor | None]:
+def global_topk_thresholds(stream: TaskStream, k: float, exact: bool = False) -> list[torch.Tensor | None]:
     """Official TIES/TALL/KnOTS trim thresholds: one per task over all keys of the stream."""
     numel, num_tasks = 0, None
     for _, taus in stream():
         numel += taus[0].numel()
         num_tasks = len(taus)
-    return streamed_kthvalue_abs(stream, [kth_index(numel, k)] * (num_tasks or 0))
+    return streamed_kthvalue_abs(stream, [kth_index(numel, k, exact)] * (num_tasks or 0))
 
 
 def trim(tau: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
@@ -211,11 +193,11 @@ def trim(tau: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
     return torch.where(tau.abs() >= threshold.to(tau.device), tau, 0.0)
 
 
-def trim_tasks(taus: Sequence[torch.Tensor], k: float, thresholds: Sequence[torch.Tensor | None] | None = None
-               ) -> torch.Tensor:
+def trim_tasks(taus: Sequence[torch.Tensor], k: float, thresholds: Sequence[torch.Tensor | None] | None = None,
+               exact: bool = False) -> torch.Tensor:
     """Stack [T, …] of trimmed task tensors: global ``thresholds`` if given, else per tensor (mergekit)."""
     if thresholds is None:
-        thresholds = [kthvalue_abs(tau, kth_index(tau.numel(), k)) for tau in taus]
+        thresholds = [kthvalue_abs(tau, kth_index(tau.numel(), k, exact)) for tau in taus]
     return torch.stack([trim(tau, thr) for tau, thr in zip(taus, thresholds)])
 
 

@@ -1,50 +1,59 @@
 """The method registry: a method's typed signature *is* its configuration.
 
-A merging method is a pure function
+A merging method is written once, as a generator over lazily readable inputs
 
-    fn(pretrained: StateDict, finetuned: Sequence[StateDict], *, <hyperparameters>, <context>) -> StateDict | list[StateDict]
+    fn(pretrained: Mapping, finetuned: Sequence[Mapping], *, <hyperparameters>, <context>)
+        -> Iterator[(key, value)]      (per-task methods: (key, [value per task]))
 
-registered with :func:`register`. Its keyword-only parameters with defaults are
-its hyperparameters (public names, see the README's table); their annotations
-give the type used to parse ``-p name=value`` strings:
+registered with :func:`register`; ``taskmerge.merging.outputs`` defines keys and values (an
+``Update(delta, scale)`` or a merged tensor). Every consumer reads that one producer:
+``Method.__call__`` collects a state dict, ``taskmerge.io.merge_writer`` writes a sharded folder,
+the search caches the float32 update. Its keyword-only parameters with defaults are its
+hyperparameters (public names, see the README's table); their annotations give the type used to
+parse ``-p name=value`` strings:
 
 - ``float``/``int``/``bool``/``str``; ``typing.Literal[...]`` for a closed set of choices;
 - ``Annotated[float, Range(lo, hi)]`` for a bounded number (checked before merging).
 
-Context arguments are not hyperparameters; the caller passes those the function
-declares, by these names:
+Context arguments are not hyperparameters; the caller passes those the function declares, by
+these names (a consumer passes what it has; the registry hands each method only what it declares):
 
 - ``kinds``: ``{tensor name: "linear" | "embedding" | "conv" | "norm" | "other"}``
-  when a model is known (see ``taskmerge.merging.selection``), else ``None``;
+  (``taskmerge.merging.selection``; None: the shape rule);
 - ``stats``: one statistics dict per fine-tuned model (Fisher / Gram), same order;
 - ``device``: where to run the arithmetic (results come back on the input's device);
 - ``lora``: LoRA factors per fine-tuned model (for factor-space methods);
 - ``cache``: a dict the caller keeps while the inputs stay the same (one per method search), in
   which a method stores what its hyperparameters do not change (τ_MTL, joint SVDs) via
-  ``primitives.memo``; results never depend on it.
+  ``primitives.memo``; results never depend on it;
+- ``scratch``: a mutable mapping of float32 tensors for state a method carries across the model
+  (OPCM's τ̄, TALL's τ_MTL): a dict in memory, files on disk when streaming (``io.spill``);
+- ``chunk_numel``: element-wise methods may split tensors larger than this into row chunks;
+- ``artifacts``: a dict in which a method leaves by-products worth saving (TALL's masks).
 
-Declared properties the search relies on:
+Declared properties:
 
 - ``output``: ``"model"`` (one merged state dict) or ``"per_task"`` (one per input, in order);
-- ``linear_in``: name of a hyperparameter ``s`` such that
-  ``merge(s) = θ0 + s · (merge(1) − θ0)`` exactly; the search then merges once per
-  setting of the *other* hyperparameters and rescales, instead of re-merging per grid point;
-- ``sequential``: the task order matters (OPCM and the continual baselines). Such a method also
-  defines ``<fn>_steps`` beside it, a generator of the merged model after each task
-  (``Method.steps``), which the continual protocol evaluates step by step.
+- ``linear_in``: name of a hyperparameter ``s`` that the method yields as the ``scale`` of every
+  ``Update``, with a delta independent of ``s``: ``merge(s) = θ0 + s · Δ`` exactly, so the search
+  merges once per setting of the *other* hyperparameters and rescales the cached float32 Δ;
+- ``sequential``: the task order matters (OPCM and the continual baselines); the generator then
+  yields one *step view* per task (an iterable of ``(key, value)`` read before the next step), and
+  the merge is the last view;
+- ``memory``: what the method holds beyond one key of every input (its carried state), in words;
+  ``taskmerge methods NAME`` prints it.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import typing
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
 StateDict = dict[str, torch.Tensor]
-CONTEXT_ARGS = frozenset({"kinds", "stats", "device", "lora", "cache"})
+CONTEXT_ARGS = frozenset({"kinds", "stats", "device", "lora", "cache", "scratch", "chunk_numel", "artifacts"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +131,7 @@ class Method:
     linear_in: str | None = None
     sequential: bool = False
     inputs: Literal["state_dict", "lora"] = "state_dict"
+    memory: str = "one key of every input"
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -130,6 +140,12 @@ class Method:
     @property
     def doc(self) -> str:
         return inspect.getdoc(self.fn) or ""
+
+    @property
+    def where(self) -> str:
+        """``module:line`` of the function that defines the method."""
+        fn = inspect.unwrap(self.fn)
+        return f"{fn.__module__}:{fn.__code__.co_firstlineno}"
 
     def resolve(self, hparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults overridden by ``hparams``, parsed and validated; unknown names are an error."""
@@ -142,28 +158,45 @@ class Method:
         out.update({k: self.params[k].parse(v) for k, v in hparams.items()})
         return out
 
-    def steps(self, pretrained: StateDict, finetuned: Sequence[StateDict], hparams=None, **context):
-        """Iterate the merged model after each task of a sequential method (its ``<fn>_steps`` generator)."""
-        gen = getattr(sys.modules[self.fn.__module__], f"{self.fn.__name__}_steps", None)
-        if not self.sequential or gen is None:
-            raise TypeError(f"method {self.name!r} has no per-step generator ({self.fn.__name__}_steps)")
-        kwargs = self.resolve(hparams)
-        kwargs.update({k: v for k, v in context.items() if k in self.context and v is not None})
-        return gen(pretrained, list(finetuned), **kwargs)
-
-    def __call__(self, pretrained: StateDict, finetuned: Sequence[StateDict], hparams=None, **context):
+    def _run(self, pretrained, finetuned, hparams, context):
         if not finetuned:
             raise ValueError(f"method {self.name!r}: the list of fine-tuned models is empty")
         kwargs = self.resolve(hparams)
         kwargs.update({k: v for k, v in context.items() if k in self.context and v is not None})
         return self.fn(pretrained, list(finetuned), **kwargs)
 
+    def stream(self, pretrained, finetuned: Sequence, hparams=None, **context) -> Iterator:
+        """The method's producer: ``(key, value)`` for every floating tensor (``merging.outputs``)."""
+        produced = self._run(pretrained, finetuned, hparams, context)
+        if not self.sequential:
+            return produced
+        view = None
+        for view in produced:  # a step view stays valid once the generator is exhausted
+            pass
+        return iter(view)
+
+    def steps(self, pretrained, finetuned: Sequence, hparams=None, **context) -> Iterator[StateDict]:
+        """The merged state dict after each task of a sequential method."""
+        if not self.sequential:
+            raise TypeError(f"method {self.name!r} is not sequential: it has no per-step models")
+        from taskmerge.merging.outputs import collect
+
+        for view in self._run(pretrained, finetuned, hparams, context):
+            yield collect(pretrained, view)
+
+    def __call__(self, pretrained, finetuned: Sequence, hparams=None, **context):
+        """The in-memory consumer: a state dict (``output="per_task"``: one per fine-tuned model)."""
+        from taskmerge.merging.outputs import collect
+
+        items = self.stream(pretrained, finetuned, hparams, **context)
+        return collect(pretrained, items, len(finetuned) if self.output == "per_task" else None)
+
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, output: str = "model", linear_in: str | None = None,
-             sequential: bool = False, inputs: str = "state_dict"):
+             sequential: bool = False, inputs: str = "state_dict", memory: str = "one key of every input"):
     """Decorator: register ``fn`` under ``name`` with its keyword-only hyperparameters."""
 
     def deco(fn):
@@ -182,7 +215,7 @@ def register(name: str, *, output: str = "model", linear_in: str | None = None,
             raise TypeError(f"{name}: linear_in={linear_in!r} is not a hyperparameter")
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, params, frozenset(context), output, linear_in, sequential, inputs)
+        METHODS[name] = Method(name, fn, params, frozenset(context), output, linear_in, sequential, inputs, memory)
         return fn
 
     return deco

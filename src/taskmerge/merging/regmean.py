@@ -15,7 +15,7 @@ from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.primitives import check_models, copy_untouched, float_items
+from taskmerge.merging.inputs import float_keys, shape_of, shapes, tensors
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.stats.keys import check_stats_list, gather, gram_in_key
 
@@ -101,10 +101,10 @@ def solve_spd(A: torch.Tensor, B: torch.Tensor, name: str) -> torch.Tensor:
     return X
 
 
-@register("regmean")
+@register("regmean", memory="one key of every input and its Grams (one [in, in] system at a time)")
 def regmean(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             off_diagonal_scale: Annotated[float, Range(0.0, 1.0)] = 0.9,
-            stats=None, device=None) -> StateDict:
+            stats=None, device=None):
     """RegMean: per Linear, Wᵀ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_tᵀ with G̃_t = λG_t + (1−λ)diag(G_t).
 
     Merges full weights (not task vectors), as MaTS ``regmean.py``. Every 2-D ``*.weight`` whose
@@ -128,19 +128,21 @@ def regmean(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         - A Gram that is not positive semi-definite (``check_gram``), or a summed Gram that is
           not positive definite after the official zero-row removal, raises a ValueError.
     """
-    check_models(pretrained, finetuned)
-    stats = check_stats_list(stats, len(finetuned), "regmean", pretrained)
-    merged, n_linear = {}, 0
-    for key, base in float_items(pretrained):
-        weights = [sd[key].to(device=device, dtype=torch.float32) for sd in finetuned]
+    stats = check_stats_list(stats, len(finetuned), "regmean", shapes(pretrained))
+    linear = {k for k in float_keys(pretrained) if k.endswith(".weight") and len(shape_of(pretrained, k)) == 2
+              and any(gram_in_key(k) in s for s in stats)}
+    if not linear:
+        raise ValueError("method 'regmean': the statistics contain no '<module>.gram_in' entry for any Linear weight")
+    log.info("regmean: %d Linear weights solved, the other tensors averaged", len(linear))
+    for key in float_keys(pretrained):
+        weights = tensors(key, finetuned, device)
         mean = torch.stack(weights).mean(0)
-        grams = gather(stats, gram_in_key(key), "regmean") if key.endswith(".weight") and base.dim() == 2 else None
+        grams = gather(stats, gram_in_key(key), "regmean") if key in linear else None
         if grams is None:
-            merged[key] = mean.to(device=base.device, dtype=base.dtype)
+            yield key, mean
             continue
-        n_linear += 1
-        A = torch.zeros(base.shape[1], base.shape[1], device=mean.device)
-        B = torch.zeros(base.shape[1], base.shape[0], device=mean.device)
+        A = torch.zeros(mean.shape[1], mean.shape[1], device=mean.device)
+        B = torch.zeros(mean.shape[1], mean.shape[0], device=mean.device)
         for t, (g, w) in enumerate(zip(grams, weights)):
             g = g.to(device=mean.device, dtype=torch.float32)
             check_gram(g, f"stats[{t}]: {gram_in_key(key)}")
@@ -148,9 +150,4 @@ def regmean(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             A += g
             B += g @ w.T
         X = solve_spd(A, B, gram_in_key(key))
-        W = torch.where(torch.isnan(X.T), mean, X.T)
-        merged[key] = W.to(device=base.device, dtype=base.dtype)
-    if n_linear == 0:
-        raise ValueError("method 'regmean': the statistics contain no '<module>.gram_in' entry for any Linear weight")
-    log.info("regmean: %d Linear weights solved, %d tensors averaged", n_linear, len(merged) - n_linear)
-    return copy_untouched(pretrained, merged)
+        yield key, torch.where(torch.isnan(X.T), mean, X.T)

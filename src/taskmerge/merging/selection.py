@@ -29,7 +29,7 @@ A state-dict name the model does not own falls back to the shape rule.
 weights cannot be told apart by shape, so they are ``other``).
 
 Integer and bool buffers (``position_ids``, BatchNorm's ``num_batches_tracked``) get a
-kind too but are never touched by any method: see ``primitives.is_mergeable``.
+kind too but are never touched by any method: see ``inputs.float_keys``.
 """
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ from typing import Annotated, Iterator, Literal, Sequence
 
 import torch
 
-from taskmerge.merging.primitives import (MergeRule, TaskStream, add_scaled, cached_stream, copy_untouched,
-                                          disjoint_merge, elect_sign, fill_zero_signs, global_topk_thresholds,
-                                          majority_sign, state_dict_stream, trim_tasks)
+from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.primitives import (MergeRule, TaskStream, cached_stream, disjoint_merge, elect_sign,
+                                          fill_zero_signs, global_topk_thresholds, majority_sign, trim_tasks)
 from taskmerge.merging.registry import Range, StateDict, register
 
 TrimScope = Literal["global", "per_tensor"]
@@ -24,15 +25,13 @@ Percent = Annotated[float, Range(0.0, 100.0, lo_open=True)]
 
 
 def ties_stream(stream: TaskStream, *, k: float, merge: MergeRule, trim_scope: TrimScope = "global",
-                elect: bool = True, scaling: float = 1.0, max_keeps_sign: bool = True
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+                elect: bool = True, max_keeps_sign: bool = True, trim_count: str = "official") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged τ)`` for every key of ``stream`` (trim → elect → disjoint merge).
 
     ``trim_scope="global"``: one threshold per task over all keys (official; two extra streamed
     passes unless k=100); ``"per_tensor"``: per tensor and task (mergekit). The majority sign is
     always taken over the whole stream (one more pass). ``elect=False`` skips sign election
-    (KnOTS' TA inner merge: top-k only). ``scaling`` multiplies every trimmed τ̂_t *before* the
-    merge (KnOTS); TIES itself passes 1 and scales afterwards.
+    (KnOTS' TA inner merge: top-k only). ``trim_count``: ``official`` or ``exact`` (see ``ties``).
     """
     if merge not in ("mean", "sum", "max"):
         raise ValueError(f"merge={merge!r}: choose one of mean, sum, max")
@@ -40,15 +39,14 @@ def ties_stream(stream: TaskStream, *, k: float, merge: MergeRule, trim_scope: T
         raise ValueError(f"trim_scope={trim_scope!r}: choose global or per_tensor")
     if not elect and merge == "max" and max_keeps_sign:
         raise ValueError("merge='max' needs sign election")
-    thresholds = global_topk_thresholds(stream, k) if trim_scope == "global" else None
-    trimmed = lambda: ((key, trim_tasks(taus, k, thresholds)) for key, taus in stream())  # noqa: E731
+    exact = {"official": False, "exact": True}[trim_count]
+    thresholds = global_topk_thresholds(stream, k, exact) if trim_scope == "global" else None
+    trimmed = lambda: ((key, trim_tasks(taus, k, thresholds, exact)) for key, taus in stream())  # noqa: E731
     if elect and hasattr(stream, "nbytes"):  # the majority pass and the merge pass see the same stacks
         trimmed = cached_stream(trimmed, stream.nbytes)
     majority = majority_sign(trimmed) if elect else 0.0
     for key, stack in trimmed():
         sign = fill_zero_signs(elect_sign(stack), majority) if elect else None
-        if scaling != 1.0:
-            stack = stack * scaling
         yield key, disjoint_merge(stack, sign, merge, max_keeps_sign)
 
 
@@ -57,19 +55,19 @@ def check_percent(name: str, value: float) -> None:
         raise ValueError(f"{name}={value} must be a percentage in (0, 100]")
 
 
-def apply_stream(pretrained: StateDict, merged: Iterator[tuple[str, torch.Tensor]], scaling: float) -> StateDict:
-    """θ = θ0 + λ τ_m for every streamed key; untouched tensors copied from θ0."""
-    out = {key: add_scaled(pretrained[key], tau, scaling) for key, tau in merged}
-    return copy_untouched(pretrained, out)
+GLOBAL_TRIM = ("global trim: two 2^16-bin histograms per task (two extra read passes for the exact threshold, "
+               "one for the majority sign; the task vectors are kept after the first pass when they total "
+               "<= TASKMERGE_STREAM_CACHE_BYTES, 1 GiB); one key (row chunk) otherwise")
 
 
-@register("ties", linear_in="scaling")
+@register("ties", linear_in="scaling", memory=GLOBAL_TRIM)
 def ties(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          k: Percent = 20.0,
          merge: Literal["mean", "sum", "max"] = "mean",
-         scaling: Annotated[float, Range(0.0, None)] = 1.0,
+         scaling: float = 1.0,
          trim_scope: Literal["global", "per_tensor"] = "global",
-         device=None) -> StateDict:
+         trim_count: Literal["official", "exact"] = "official",
+         device=None, chunk_numel=None):
     """TIES-merging: trim to the top-k %, elect signs by mass, disjoint merge, θ = θ0 + λ τ_m.
 
     Equations in the module docstring. Every floating tensor takes part (official: all parameters
@@ -83,12 +81,20 @@ def ties(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             or ``max`` (largest kept magnitude times γ).
         scaling (λ, 1.0): the paper's value without a validation set. Official grids: ties-merging
             README {0.8, 0.9, …, 2.5}; tall_masks / MaTS {0.1, …, 1.0}; TSV fork {1/30, …, 1}.
+            Negative λ negates the merged task vector (λ multiplies τ_m after the merge).
         trim_scope ("global"): one threshold per task over the whole model, computed exactly
-            by streamed radix selection (official); ``per_tensor`` is mergekit's variant.
+            by streamed radix selection (official); ``per_tensor``: one per tensor (mergekit's scope).
+        trim_count ("official"): how many entries a trim keeps out of d. ``official``: the TIES
+            rule, int(d·k/100) + 1 (plus ties at the threshold); ``exact``: int(d·k/100), the count
+            mergekit and peft keep (``density = k/100``), ties at the threshold still kept.
+
+    Dense ``ties`` on peft adapter folders trims over every parameter of the model, most of them
+    unchanged (τ = 0); for LoRA adapters use ``lora_merge`` (or ``knots``), which trims ΔW = B·A.
 
     Deviations: none in the math. The official code flattens keys in sorted order; element-wise
     results do not depend on the order. The majority sign is summed in float64 (exact).
     """
     check_percent("k", k)
-    merged = ties_stream(state_dict_stream(pretrained, finetuned, device), k=k, merge=merge, trim_scope=trim_scope)
-    return apply_stream(pretrained, merged, scaling)
+    stream = task_stream(pretrained, finetuned, device, chunk_numel if trim_scope == "global" else None)
+    for item, tau in ties_stream(stream, k=k, merge=merge, trim_scope=trim_scope, trim_count=trim_count):
+        yield item, Update(tau, scaling)

@@ -15,19 +15,20 @@ results come back in the input dtype and device. Integer buffers are copied from
 """
 from __future__ import annotations
 
-from typing import Annotated, Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import torch
 
-from taskmerge.merging.primitives import add_scaled, copy_untouched, float_items, task_vectors
-from taskmerge.merging.registry import Range, StateDict, register
+from taskmerge.merging.inputs import float_keys, read, shape_of, task_stream, task_vectors
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.registry import StateDict, register
 from taskmerge.merging.selection import is_matrix, name_matches
 
 
-def _svd_this(name: str, tensor: torch.Tensor, scope: str, exclude: str, kinds: Mapping[str, str] | None) -> bool:
-    if tensor.ndim != 2 or name_matches(name, exclude):
+def _svd_this(name: str, shape: tuple, scope: str, exclude: str, kinds: Mapping[str, str] | None) -> bool:
+    if len(shape) != 2 or name_matches(name, exclude):
         return False
-    return scope == "all_2d" or is_matrix(name, tensor, kinds)
+    return scope == "all_2d" or is_matrix(name, torch.empty(shape, device="meta"), kinds)
 
 
 def _stack_top_triplets(taus: Sequence[torch.Tensor]):
@@ -89,26 +90,21 @@ def tsv_merge_matrix(taus: Sequence[torch.Tensor], variant: str = "polar") -> to
 def tsv_m_directions(pretrained: StateDict, finetuned: Sequence[StateDict], *, variant: str = "polar",
                      svd_scope: str = "all_2d", svd_exclude: str = "text_projection",
                      kinds: Mapping[str, str] | None = None, device=None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, ΔW) in float32 for every floating key: the TSV-M merge at α = 1 minus θ0.
-
-    One key at a time, so a scaling grid can cache these directions and apply
-    θ0 + α·ΔW for every α without redoing any SVD (``tsv_m`` is ``linear_in="scaling"``).
-    """
-    for key, base in float_items(pretrained):
-        taus = task_vectors(key, pretrained, finetuned, device=device)
-        if _svd_this(key, base, svd_scope, svd_exclude, kinds):
+    """Yield (key, ΔW) in float32 for every floating key: the TSV-M merge at α = 1 minus θ0."""
+    for key, taus in task_stream(pretrained, finetuned, device)():
+        if _svd_this(key, shape_of(pretrained, key), svd_scope, svd_exclude, kinds):
             yield key, tsv_merge_matrix(taus, variant)
         else:
             yield key, torch.stack(taus).mean(0)
 
 
-@register("tsv_m", linear_in="scaling")
+@register("tsv_m", linear_in="scaling", memory="one key of every input (its SVDs); nothing across the model")
 def tsv_m(pretrained: StateDict, finetuned: Sequence[StateDict], *,
-          scaling: Annotated[float, Range(0.0, None)] = 1.0,
+          scaling: float = 1.0,
           variant: Literal["polar", "eigen"] = "polar",
           svd_scope: Literal["all_2d", "linear"] = "all_2d",
           svd_exclude: str = "text_projection",
-          kinds=None, device=None) -> StateDict:
+          kinds=None, device=None):
     """TSV-M: θ = θ0 + α·ΔW per tensor, specs §3(a)/(a′).
 
     For each 2-D weight (see ``svd_scope``): SVD every task's τ_t = U_t S_t V_tᵀ; keep each
@@ -128,10 +124,9 @@ def tsv_m(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         svd_exclude (default ``text_projection``, official): comma-separated name substrings
             that are averaged instead of SVD'd; ``""`` excludes nothing.
     """
-    merged = {key: add_scaled(pretrained[key], delta, scaling)
-              for key, delta in tsv_m_directions(pretrained, finetuned, variant=variant, svd_scope=svd_scope,
-                                                 svd_exclude=svd_exclude, kinds=kinds, device=device)}
-    return copy_untouched(pretrained, merged)
+    for key, delta in tsv_m_directions(pretrained, finetuned, variant=variant, svd_scope=svd_scope,
+                                       svd_exclude=svd_exclude, kinds=kinds, device=device):
+        yield key, Update(delta, scaling)
 
 
 def low_rank(tau: torch.Tensor, num_tasks: int) -> torch.Tensor:
@@ -143,11 +138,11 @@ def low_rank(tau: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return (u[:, :r] * s[:r]) @ vh[:r]
 
 
-@register("tsv_c", output="per_task")
+@register("tsv_c", output="per_task", memory="one key of every input and its T outputs")
 def tsv_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           svd_scope: Literal["all_2d", "linear"] = "all_2d",
           svd_exclude: str = "",
-          kinds=None, device=None) -> list[StateDict]:
+          kinds=None, device=None):
     """TSV-C: one compressed model per task, specs §3(a″).
 
     For each 2-D weight (see ``svd_scope``), task t keeps its top r = floor(min(O,I)/T)
@@ -160,12 +155,9 @@ def tsv_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         svd_exclude (default ``""``): comma-separated name substrings kept in full. The official
             TSV-C *includes* ``text_projection`` (its exclusion is commented out there).
     """
-    per_task: list[StateDict] = [{} for _ in finetuned]
-    for key, base in float_items(pretrained):
-        if _svd_this(key, base, svd_scope, svd_exclude, kinds):
-            for t, tau in enumerate(task_vectors(key, pretrained, finetuned, device=device)):
-                per_task[t][key] = add_scaled(base, low_rank(tau, len(finetuned)), 1.0)
+    for key in float_keys(pretrained):
+        if _svd_this(key, shape_of(pretrained, key), svd_scope, svd_exclude, kinds):
+            taus = task_vectors(key, pretrained, finetuned, device=device)
+            yield key, [Update(low_rank(tau, len(finetuned)), 1.0) for tau in taus]
         else:
-            for t, sd in enumerate(finetuned):
-                per_task[t][key] = sd[key].clone()
-    return [copy_untouched(pretrained, m) for m in per_task]
+            yield key, [read(sd, key).clone() for sd in finetuned]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from taskmerge.merging.outputs import Update, collect
 from taskmerge.merging.registry import Method, StateDict, get_method
 from taskmerge.search.store import ResultStore, hparams_key
 
@@ -96,7 +97,11 @@ class SearchContext:
 
 
 class _MergeCache:
-    """Merges of one method, reusing the direction Δ = merge(s=1) − θ0 across values of ``linear_in``."""
+    """Merges of one method, reusing the float32 update Δ of ``merge(s=1)`` across values of ``linear_in``.
+
+    The method's stream yields ``Update(Δ, s)`` with Δ independent of s (``merging.outputs``), so
+    θ0 + s·Δ from the cached Δ is bit-identical to a direct merge at s, in every dtype.
+    """
 
     def __init__(self, method: Method, ctx: SearchContext, name: str | None = None):
         self.method, self.ctx, self.name = method, ctx, name or method.name
@@ -126,13 +131,13 @@ class _MergeCache:
         rest = {k: v for k, v in hp.items() if k != m.linear_in}
         key = hparams_key(rest)
         if key != self._key:
-            unit = m(ctx.pretrained, ctx.finetuned, {**rest, m.linear_in: 1.0}, **context)
-            self._delta = {k: unit[k].float() - ctx.pretrained[k].float()
-                           for k in unit if ctx.pretrained[k].is_floating_point()}
+            self._delta = None
+            self._delta = dict(m.stream(ctx.pretrained, ctx.finetuned, {**rest, m.linear_in: 1.0}, **context))
+            if not all(isinstance(u, Update) for u in self._delta.values()):
+                raise TypeError(f"method {m.name!r} is linear_in={m.linear_in!r} but yields tensors, not Updates")
             self._key = key
         s = float(m.resolve(hp)[m.linear_in])
-        return {k: (t.float() + s * self._delta[k]).to(t.dtype) if k in self._delta else t
-                for k, t in ctx.pretrained.items()}
+        return collect(ctx.pretrained, ((k, Update(u.delta, s)) for k, u in self._delta.items()))
 
 
 def _evaluate_point(ctx: SearchContext, merged, split: str, tasks: Sequence[str] | None = None) -> dict[str, float]:

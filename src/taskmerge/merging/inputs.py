@@ -1,0 +1,140 @@
+"""Lazily readable inputs: what a method reads, key by key or row chunk by row chunk.
+
+A model is any ``Mapping[str, Tensor]``: an in-memory state dict, a ``LazyStateDict`` or a
+``ShardedReader`` (which also answer ``shape(key)``/``dtype(key)`` from the file header and read
+``rows(key, start, stop)`` alone). Methods never hold a whole model: they walk keys through
+:func:`task_stream` (or :func:`float_keys` + :func:`read`), and a key of a large tensor may be split
+into row chunks (:class:`Part`) where the method's math is element-wise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+
+from taskmerge.merging.primitives import TaskStream, cached_stream
+
+
+class Part(NamedTuple):
+    """Rows ``start:stop`` of tensor ``key`` (a chunk of an element-wise computation)."""
+
+    key: str
+    start: int
+    stop: int
+
+
+def key_of(item) -> str:
+    """The tensor name of a stream item's key (a name or a :class:`Part`)."""
+    return item.key if isinstance(item, Part) else item
+
+
+def shape_of(state: Mapping, key: str) -> tuple[int, ...]:
+    shape = getattr(state, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(state[key].shape)
+
+
+def dtype_of(state: Mapping, key: str) -> torch.dtype:
+    dtype = getattr(state, "dtype", None)
+    return dtype(key) if callable(dtype) else state[key].dtype
+
+
+def float_keys(state: Mapping) -> list[str]:
+    """Names of the tensors methods merge (floating point), in the model's order; integer and bool
+    buffers are copied from the pretrained model by the consumers."""
+    return [k for k in state if dtype_of(state, k).is_floating_point]
+
+
+def read(state: Mapping, item) -> torch.Tensor:
+    """``state[key]``, or only the rows of a :class:`Part` (read alone from disk when the reader can)."""
+    if not isinstance(item, Part):
+        return state[item]
+    rows = getattr(state, "rows", None)
+    if callable(rows):
+        return rows(item.key, item.start, item.stop)
+    return state[item.key][item.start:item.stop]
+
+
+def parts(state: Mapping, keys: Sequence[str], chunk_numel: int | None) -> list:
+    """``keys`` with every tensor larger than ``chunk_numel`` elements split into row :class:`Part` s."""
+    out = []
+    for key in keys:
+        shape = shape_of(state, key)
+        numel = math.prod(shape)
+        if chunk_numel is None or len(shape) == 0 or numel <= chunk_numel or shape[0] < 2:
+            out.append(key)
+            continue
+        step = max(1, chunk_numel // max(1, numel // shape[0]))
+        out += [Part(key, s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
+    return out
+
+
+def shapes(state: Mapping) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every tensor, from headers when ``state`` is lazy (no data read)."""
+    return {k: shape_of(state, k) for k in state}
+
+
+def numel_of(state: Mapping, item) -> int:
+    shape = shape_of(state, key_of(item))
+    if isinstance(item, Part):
+        return (item.stop - item.start) * math.prod(shape[1:])
+    return math.prod(shape)
+
+
+def task_vectors(item, pretrained: Mapping, finetuned: Sequence[Mapping], dtype: torch.dtype = torch.float32,
+                 device=None) -> list[torch.Tensor]:
+    """τ_t = θ_t − θ0 for one key (or row chunk), upcast to ``dtype`` on ``device``."""
+    base = read(pretrained, item).to(device=device, dtype=dtype)
+    return [read(sd, item).to(device=device, dtype=dtype) - base for sd in finetuned]
+
+
+def task_stream(pretrained: Mapping, finetuned: Sequence[Mapping], device=None, chunk_numel: int | None = None,
+                keys: Sequence[str] | None = None) -> TaskStream:
+    """Task stream of τ_t = θ_t − θ0 (float32) over every floating tensor (or ``keys``), in the model's
+    order, large tensors in row chunks when ``chunk_numel`` is given (element-wise methods only).
+    Kept in memory after its first pass when small enough (``primitives.cached_stream``)."""
+    items = parts(pretrained, float_keys(pretrained) if keys is None else keys, chunk_numel)
+    nbytes = 4 * len(finetuned) * sum(numel_of(pretrained, i) for i in items)
+    return cached_stream(lambda: ((i, task_vectors(i, pretrained, finetuned, device=device)) for i in items), nbytes)
+
+
+def tensors(item, models: Sequence[Mapping], device=None) -> list[torch.Tensor]:
+    """``[model[key]]`` for one key (or chunk) of each model, in float32 on ``device``."""
+    return [read(m, item).to(device=device, dtype=torch.float32) for m in models]
+
+
+def walk(pretrained: Mapping, chunk_numel: int | None = None) -> Iterator:
+    """Every floating key of the model (row chunks when ``chunk_numel`` is given)."""
+    return iter(parts(pretrained, float_keys(pretrained), chunk_numel))
+
+
+class Cast(Mapping):
+    """A model whose floating tensors read as ``dtype`` (``taskmerge merge --dtype``); lazy like its source."""
+
+    def __init__(self, state: Mapping, dtype: torch.dtype):
+        self.state, self.to = state, dtype
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.to) if t.is_floating_point() else t
+
+    def __getitem__(self, key):
+        return self._cast(self.state[key])
+
+    def rows(self, key, start, stop):
+        return self._cast(read(self.state, Part(key, start, stop)))
+
+    def shape(self, key):
+        return shape_of(self.state, key)
+
+    def dtype(self, key):
+        d = dtype_of(self.state, key)
+        return self.to if d.is_floating_point else d
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self):
+        return len(self.state)
+
+    def __contains__(self, key):
+        return key in self.state
