@@ -7,7 +7,7 @@ vocab 128256, hidden 4096, MLP 14336, 32 query / 8 key-value heads, 3 labels; bf
 - 6 peft LoRA adapters, r=16, alpha 16, on q/k/v/o of every decoder layer built.
 
 ``--layers N`` builds N of the 32 decoder layers at full width (embeddings, norm and head always
-included). Each method runs in a fresh subprocess (``--child``) under ``merge_streamed`` and reports
+included). Each method runs in a fresh subprocess (``--child``) under ``io.merge_writer.write_merged`` (what ``taskmerge merge`` runs) and reports
 its own wall time and peak RSS (``ru_maxrss``: the reader uses ``pread``, not mmap, so RSS is what
 the process holds). Per-tensor write times give the per-layer cost, from which a 32-layer
 figure is extrapolated (labelled as such in the output).
@@ -109,7 +109,8 @@ def child(args) -> None:
     """Run one method; print one JSON line with wall time, peak RSS and per-tensor write times."""
     from taskmerge.io.peft import load_lora_factors
     from taskmerge.io.sharded import ShardedReader
-    from taskmerge.merge_streamed import merge_streamed
+    from taskmerge.io.merge_writer import write_merged
+    from taskmerge.merging import get_method
 
     torch.set_num_threads(os.cpu_count() or 1)
     root, method = Path(args.root), args.child
@@ -121,10 +122,11 @@ def child(args) -> None:
     on_write = lambda key: times.append((key, time.perf_counter() - t0))  # noqa: E731
     if kind == "lora":
         lora = [load_lora_factors(root / f"lora{i}", base) for i in range(6)]
-        merge_streamed(method, base, [], out, hparams=hp, lora=lora, progress=False, on_write=on_write)
-    else:
-        merge_streamed(method, base, [root / f"ft{i}" for i in range(3)], out, hparams=hp, progress=False,
-                       on_write=on_write, spill_dir=root)
+        write_merged(get_method(method), base, lora, out, hparams=hp, context={"lora": lora}, progress=False,
+                     on_write=on_write)
+    else:  # the scratch (OPCM's τ̄) lives beside the output, under root
+        write_merged(get_method(method), base, [ShardedReader(root / f"ft{i}") for i in range(3)], out, hparams=hp,
+                     progress=False, on_write=on_write)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     shutil.rmtree(out, ignore_errors=True)

@@ -58,6 +58,8 @@ def _check_output(output: Path, per_task: bool, inputs: Sequence) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         what = "folder" if per_task or output.suffix != ".safetensors" else "file"
         raise ValueError(f"{output}: the output {what} already exists{' and is not empty' if output.is_dir() else ''}")
+    if output.suffix in _WEIGHT_SUFFIXES and output.suffix != ".safetensors":
+        raise ValueError(f"{output}: the output must be a .safetensors file or a folder (pickles are not written)")
     if per_task and output.suffix == ".safetensors":
         raise ValueError(f"{output}: a per-task method writes one model per task: give a folder, not a file")
     if not output.parent.exists():
