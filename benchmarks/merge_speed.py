@@ -11,6 +11,10 @@ Run (heavy; serialize with the other helpers' heavy jobs):
 
     flock /tmp/taskmerge-heavy.lock .venv/bin/python benchmarks/merge_speed.py --models vit-b-32 vit-l-14
 
+``--to-disk`` runs ``taskmerge merge METHOD … --output <tmp>/out/`` (the CLI, streamed to a sharded
+folder) instead of the in-memory call, and reports the shards written; its peak anon RSS is the
+streaming path's heap (the inputs are memory-mapped, so their pages are not anonymous memory).
+
 Methods that need statistics (fisher, regmean, mats) or LoRA factors (knots, lora_merge) are
 skipped. ``--timeout`` (seconds, per method) stops a method that runs too long; it is reported.
 """
@@ -65,7 +69,7 @@ def write_checkpoints(folder: Path, model: str, tasks: int) -> list[Path]:
     return paths
 
 
-def run_one(method: str, files: list[str]) -> dict:
+def run_one(method: str, files: list[str], to_disk: bool = False) -> dict:
     """In a fresh process: merge with lazily loaded inputs; report time and peak RSS.
 
     Peak RSS is VmHWM from /proc (per address space, so not inherited from the parent the way
@@ -85,13 +89,26 @@ def run_one(method: str, files: list[str]) -> dict:
     sampler = threading.Thread(target=_sample_anon, args=(anon, done), daemon=True)
     sampler.start()
     start = time.perf_counter()
-    result = m(pre, fts)
+    if to_disk:
+        from taskmerge.cli import main as cli
+
+        out = Path(tempfile.mkdtemp(prefix="merge_speed_out_", dir=Path(files[0]).parent)) / "out"
+        code = cli(["merge", method, "--pretrained", files[0], "--finetuned", *files[1:], "--output", str(out),
+                    "--max-shard-size", "0.25"])
+        if code != 0:
+            raise RuntimeError(f"taskmerge merge {method} exited with {code}")
+        result = sorted(out.rglob("*.safetensors"))
+        import shutil
+
+        shutil.rmtree(out.parent)  # the outputs are counted, not kept
+    else:
+        result = m(pre, fts)
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     outputs = len(result) if isinstance(result, list) else 1
     peak = _proc_status_gib("VmHWM")
-    return {"method": method, "seconds": seconds, "peak_rss_gib": peak, "peak_anon_gib": max(anon),
+    return {"method": method, "sink": "disk" if to_disk else "memory", "seconds": seconds, "peak_rss_gib": peak, "peak_anon_gib": max(anon),
             "base_rss_gib": base_rss, "base_anon_gib": base_anon, "outputs": outputs}
 
 
@@ -121,19 +138,21 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="*", help="default: every data-free method")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per method before it is stopped")
     ap.add_argument("--json", type=Path, help="append one JSON line per result here")
+    ap.add_argument("--to-disk", action="store_true", help="run `taskmerge merge` to a sharded folder instead")
     ap.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        print(json.dumps(run_one(args._child[0], args._child[1:])))
+        print(json.dumps(run_one(args._child[0], args._child[1:], args.to_disk)))
         return 0
     methods = args.methods or data_free_methods()
-    print("| model | method | wall time (s) | peak RSS (GiB) | peak anon RSS (GiB) | before merge: RSS / anon (GiB) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | method | wall time (s) | peak RSS (GiB) | peak anon RSS (GiB) | before merge: RSS / anon (GiB) "
+          "| outputs (files) | memory declared |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for model in args.models:
         with tempfile.TemporaryDirectory(prefix=f"merge_speed_{model}_") as tmp:
             files = [str(p) for p in write_checkpoints(Path(tmp), model, args.tasks)]
             for method in methods:
-                cmd = [sys.executable, __file__, "--_child", method, *files]
+                cmd = [sys.executable, __file__, *(["--to-disk"] if args.to_disk else []), "--_child", method, *files]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 except subprocess.TimeoutExpired:
@@ -148,9 +167,11 @@ def main(argv=None) -> int:
                 if args.json:
                     with open(args.json, "a") as fh:
                         fh.write(json.dumps(res) + "\n")
+                from taskmerge.merging import get_method
+
                 print(f"| {model} | {method} | {res['seconds']:.1f} | {res['peak_rss_gib']:.2f} | "
-                      f"{res['peak_anon_gib']:.2f} | {res['base_rss_gib']:.2f} / {res['base_anon_gib']:.2f} |",
-                      flush=True)
+                      f"{res['peak_anon_gib']:.2f} | {res['base_rss_gib']:.2f} / {res['base_anon_gib']:.2f} | "
+                      f"{res['outputs']} | {get_method(method).memory} |", flush=True)
     return 0
 
 

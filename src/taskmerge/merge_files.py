@@ -19,8 +19,8 @@ import torch
 from taskmerge.io import ModelFileError, load_lora_factors, load_model
 from taskmerge.io.merge_writer import write_merged
 from taskmerge.merging import get_method
-from taskmerge.merging.inputs import Cast
-from taskmerge.merging.primitives import check_models
+from taskmerge.merging.inputs import Cast, check_models
+from taskmerge.stats import load_statistics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # files of a Hugging Face model folder that are not weights: copied from θ0 into a folder output
@@ -116,8 +116,6 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
     check_models(pretrained, finetuned, names=[str(p) for p in finetuned_paths])
     context = {"device": dev, "kinds": None}  # no model here: tensor kinds by the shape rule
     if stats_paths:
-        from taskmerge.stats import load_statistics
-
         context["stats"] = [load_statistics(p, reference=pretrained)[0] for p in stats_paths]
     if method.inputs == "lora":
         context["lora"] = [load_lora_factors(p, pretrained) for p in finetuned_paths]

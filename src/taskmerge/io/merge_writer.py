@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from taskmerge.io.sharded import DEFAULT_SHARD_BYTES, ShardedWriter, specs_of
 from taskmerge.io.spill import Spill
 from taskmerge.merging.inputs import Part, float_keys, key_of, read, shape_of
+from taskmerge.merging.masks import save_masks
 from taskmerge.merging.outputs import resolve
 from taskmerge.merging.registry import Method
 
@@ -33,8 +34,6 @@ CHUNK_NUMEL = 2 ** 26  # 64M elements: 256 MB per float32 task-vector chunk of e
 
 
 def _save_masks(folder: Path, masks) -> None:
-    from taskmerge.merging.masks import save_masks
-
     save_masks(folder / "masks.safetensors", masks)
 
 

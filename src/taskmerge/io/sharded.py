@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
+from taskmerge.io.load import hf_weight_files
 from taskmerge.io.tensors import _DTYPES, ModelFileError
 
 INDEX = "model.safetensors.index.json"
@@ -48,8 +49,6 @@ def weight_files(path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    from taskmerge.io.load import hf_weight_files
-
     if not path.is_dir():
         raise ModelFileError(f"{path}: no such file or folder")
     return hf_weight_files(path)

@@ -1,13 +1,17 @@
 """Merging methods: one module per family, each registering pure functions over tensors.
 
-Importing this package registers every method; use :func:`get_method` / :func:`merge`.
+Importing this package registers every method: every module of this package is imported (adding a
+method is one module here plus one config), then the modules named in ``TASKMERGE_METHODS`` (comma-
+separated module names or ``.py`` paths: methods that live outside the package). Use
+:func:`get_method` / :func:`merge`.
 """
-from taskmerge.merging import basic  # noqa: F401  (registers average, task_arithmetic)
-from taskmerge.merging import tsv  # noqa: F401  (tsv_m, tsv_c)
-from taskmerge.merging import opcm, continual  # noqa: F401  (opcm; continual_task_arithmetic/_average/_ties)
-from taskmerge.merging import ties  # noqa: F401  (ties)
-from taskmerge.merging import dare  # noqa: F401  (dare)
-from taskmerge.merging import masks  # noqa: F401  (tall_mask, consensus)
-from taskmerge.merging import knots  # noqa: F401  (knots, lora_merge)
-from taskmerge.merging import fisher, regmean, mats  # noqa: F401  (fisher, regmean, mats; need stats)
-from taskmerge.merging.registry import METHODS, Method, get_method, merge, register  # noqa: F401
+import importlib
+import pkgutil
+
+from taskmerge.merging.registry import METHODS, Method, get_method, load_plugins, merge, register  # noqa: F401
+
+_INFRASTRUCTURE = {"registry", "primitives", "inputs", "outputs", "selection", "lora"}
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_info.name}")
+load_plugins()

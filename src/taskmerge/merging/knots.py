@@ -44,6 +44,9 @@ from taskmerge.merging.ties import Percent, check_percent, ties_stream
 
 SVD_THRESHOLD = 1e-5  # official: absolute threshold on float64 singular values (FusionBench uses 1e-4)
 Inner = Literal["ties", "task_arithmetic", "dare_ties"]
+Merge = Literal["mean", "sum", "max"]
+Scaling = Annotated[float, Range(0.0, None)]  # ≥ 0: λ must not flip the elected signs (see ``knots``)
+DropRate = Annotated[float, Range(0.0, 1.0, hi_open=True)]
 
 
 def joint_svd(deltas: Sequence[torch.Tensor], threshold: float = SVD_THRESHOLD
@@ -105,14 +108,8 @@ KNOTS_MEMORY = ("U and the sV blocks of every adapted module (≈ T²·r·(in+ou
 
 @register("knots", linear_in="scaling", inputs="lora", memory=KNOTS_MEMORY)
 def knots(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
-          inner: Inner = "ties",
-          k: Percent = 20.0,
-          merge: Literal["mean", "sum", "max"] = "mean",
-          scaling: Annotated[float, Range(0.0, None)] = 0.6,
-          drop_rate: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.1,
-          seed: int = 421,
-          apply_lora_scale: bool = True,
-          max_keeps_sign: bool = True,
+          inner: Inner = "ties", k: Percent = 20.0, merge: Merge = "mean", scaling: Scaling = 0.6,
+          drop_rate: DropRate = 0.1, seed: int = 421, apply_lora_scale: bool = True, max_keeps_sign: bool = True,
           lora=None, device=None, cache=None):
     """KnOTS: joint SVD of the LoRA updates per module, merge in the shared basis (module docstring).
 
@@ -160,14 +157,8 @@ def _joint_svds(modules, models, apply_lora_scale, device) -> tuple[dict, dict]:
 @register("lora_merge", linear_in="scaling", inputs="lora",
           memory="one adapted module's dense ΔW per task (TIES: global-trim histograms, ΔW recomputed per pass)")
 def lora_merge(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
-               inner: Inner = "ties",
-               k: Percent = 20.0,
-               merge: Literal["mean", "sum", "max"] = "mean",
-               scaling: Annotated[float, Range(0.0, None)] = 0.3,
-               drop_rate: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.2,
-               seed: int = 424,
-               apply_lora_scale: bool = True,
-               lora=None, device=None):
+               inner: Inner = "ties", k: Percent = 20.0, merge: Merge = "mean", scaling: Scaling = 0.3,
+               drop_rate: DropRate = 0.2, seed: int = 424, apply_lora_scale: bool = True, lora=None, device=None):
     """KnOTS' LoRA baselines (``representation='vector'``): merge the dense ΔW_t = scale·B_t A_t.
 
     inner=task_arithmetic: W = W0 + λ·Σ_t ΔW_t (merge=sum) or λ·(1/T)Σ_t ΔW_t (merge=mean).

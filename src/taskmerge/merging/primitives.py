@@ -1,4 +1,4 @@
-"""Shared primitives for merging methods: input checks, trim / elect / disjoint merge, DARE, memo.
+"""Shared primitives for merging methods: trim / elect / disjoint merge, DARE, the stream cache, memo.
 
 Every method works tensor by tensor (``merging.inputs``): it never flattens a whole model into
 one vector, so memory stays at a few tensors per task. Arithmetic runs in float32 (float64 where
@@ -12,44 +12,6 @@ import os
 from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
-
-from taskmerge.merging.registry import StateDict
-
-
-def check_models(pretrained: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None,
-                 finite: bool = True) -> None:
-    """Raise a clear ValueError when the models cannot be merged together.
-
-    Checks: a non-empty list; identical key sets; equal shapes; one floating dtype per tensor
-    name across models (from the headers of lazy inputs); with ``finite``, no NaN/Inf (reads every
-    tensor once). ``names`` labels the models in messages (file paths).
-    """
-    from taskmerge.merging.inputs import dtype_of, shape_of
-
-    if not finetuned:
-        raise ValueError("the list of fine-tuned models is empty")
-    names = list(names) if names is not None else [f"finetuned[{i}]" for i in range(len(finetuned))]
-    ref = set(pretrained)
-    for name, sd in zip(names, finetuned):
-        missing, extra = sorted(ref - set(sd)), sorted(set(sd) - ref)
-        if missing or extra:
-            raise ValueError(f"{name}: tensor names differ from the pretrained model "
-                             f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                             f"unexpected: {extra[:5]}{'...' if len(extra) > 5 else ''})")
-        for key in pretrained:
-            shape, shape0 = shape_of(sd, key), shape_of(pretrained, key)
-            if shape != shape0:
-                raise ValueError(f"{name}: tensor {key} has shape {shape}, pretrained has {shape0}")
-            dtype, dtype0 = dtype_of(sd, key), dtype_of(pretrained, key)
-            if dtype != dtype0:
-                raise ValueError(f"{name}: tensor {key} has dtype {dtype}, pretrained has {dtype0} (mixed dtypes: "
-                                 f"cast every input with --dtype float32|bfloat16|float16)")
-    if not finite:
-        return
-    for name, sd in zip(["pretrained", *names], [pretrained, *finetuned]):
-        for key in sd:
-            if dtype_of(sd, key).is_floating_point and not torch.isfinite(sd[key]).all():
-                raise ValueError(f"{name}: tensor {key} contains NaN or Inf")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,12 +47,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import typing
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
-import torch
-
-StateDict = dict[str, torch.Tensor]
+from taskmerge.merging.inputs import StateDict  # noqa: F401  (re-exported: methods annotate with it)
+from taskmerge.merging.outputs import collect
 CONTEXT_ARGS = frozenset({"kinds", "stats", "device", "lora", "cache", "scratch", "chunk_numel", "artifacts"})
 
 
@@ -179,15 +179,11 @@ class Method:
         """The merged state dict after each task of a sequential method."""
         if not self.sequential:
             raise TypeError(f"method {self.name!r} is not sequential: it has no per-step models")
-        from taskmerge.merging.outputs import collect
-
         for view in self._run(pretrained, finetuned, hparams, context):
             yield collect(pretrained, view)
 
     def __call__(self, pretrained, finetuned: Sequence, hparams=None, **context):
         """The in-memory consumer: a state dict (``output="per_task"``: one per fine-tuned model)."""
-        from taskmerge.merging.outputs import collect
-
         items = self.stream(pretrained, finetuned, hparams, **context)
         return collect(pretrained, items, len(finetuned) if self.output == "per_task" else None)
 
@@ -235,10 +231,36 @@ def _param_from_hint(name: str, hint: Any, default: Any) -> Param:
     return Param(name, hint, default, rng)
 
 
-def get_method(name: str) -> Method:
-    from taskmerge import merging  # noqa: F401  (imports every method module, filling METHODS)
+def load_plugins(spec: str | None = None) -> list[str]:
+    """Import the method modules named in ``spec`` (default: ``$TASKMERGE_METHODS``), comma-separated module
+    names or ``.py`` paths, so that methods outside the package register themselves. Returns their names."""
+    import importlib
+    import importlib.util
+    import os
+    from pathlib import Path
 
-    if name not in METHODS:
+    loaded = []
+    for entry in filter(None, (e.strip() for e in (spec if spec is not None else
+                                                   os.environ.get("TASKMERGE_METHODS", "")).split(","))):
+        if entry.endswith(".py"):
+            path = Path(entry)
+            name = f"taskmerge_plugin_{path.stem}"
+            if name not in sys.modules:
+                if not path.is_file():
+                    raise ValueError(f"TASKMERGE_METHODS: {path} does not exist")
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module
+                module_spec.loader.exec_module(module)
+        else:
+            name = entry
+            importlib.import_module(name)
+        loaded.append(name)
+    return loaded
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:  # importing this module ran taskmerge/merging/__init__, which registers every method
         raise KeyError(f"unknown merging method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
