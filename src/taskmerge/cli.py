@@ -48,6 +48,9 @@ def _add_merge(sub) -> None:
     p.add_argument("--output", "-o", required=True, metavar="OUT",
                    help="a .safetensors file, or a folder: a Hugging Face model folder (θ0's config and tokenizer "
                         "copied; shards + index when large); per-task methods (tall_mask, tsv_c) need a folder")
+    p.add_argument("--output-format", choices=["model", "adapter"], default="model",
+                   help="adapter: a peft LoRA adapter folder (LoRA methods whose result is exactly low-rank: "
+                        "lora_merge with inner=task_arithmetic, knots); loads with PeftModel.from_pretrained")
     p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                    help="largest shard of a folder output, in GB (default 5, as save_pretrained)")
     p.set_defaults(run=_run_merge)
@@ -59,7 +62,7 @@ def _run_merge(args) -> int:
     written = merge_files(args.method, args.pretrained, args.finetuned, args.output,
                           hparams=parse_hparams(args.param), device=args.device, dtype=args.dtype,
                           trust_pickle=args.trust_pickle, stats_paths=args.stats,
-                          max_shard_bytes=int(args.max_shard_size * 2**30))
+                          max_shard_bytes=int(args.max_shard_size * 2**30), output_format=args.output_format)
     for path in written:
         print(path)
     return 0

@@ -17,9 +17,11 @@ from typing import Mapping, Sequence
 import torch
 
 from taskmerge.io import ModelFileError, load_lora_factors, load_model
+from taskmerge.io.peft import peft_module_names, save_lora_adapter
 from taskmerge.io.merge_writer import write_merged
 from taskmerge.merging import get_method
 from taskmerge.merging.inputs import Cast, check_models
+from taskmerge.merging.outputs import LowRank
 from taskmerge.stats import load_statistics
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -79,15 +81,28 @@ def copy_model_files(source, folder: Path) -> list[Path]:
     return copied
 
 
+def write_adapter(method, pretrained, finetuned, output: Path, hparams, context, template) -> Path:
+    """The method's exactly low-rank result as a peft adapter folder (``LowRank`` values only)."""
+    factors = {}
+    for key, value in method.stream(pretrained, finetuned, hparams, **context):
+        if not isinstance(value, LowRank):
+            raise ValueError(f"method {method.name!r} with {hparams}: the merged {key} is not exactly low-rank "
+                             f"(only lora_merge inner=task_arithmetic and knots are); write a model folder instead")
+        factors[key[: -len(".weight")]] = (value.B * value.scale, value.A)
+    return save_lora_adapter(output, factors, template, peft_module_names(template, pretrained))
+
+
 def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, output, *,
                 hparams: Mapping[str, str] | None = None, device: str = "cpu", dtype: str | None = None,
                 trust_pickle: bool = False, stats_paths: Sequence | None = None, progress: bool = True,
-                max_shard_bytes: int | None = None) -> list[Path]:
+                max_shard_bytes: int | None = None, output_format: str = "model") -> list[Path]:
     """Merge the checkpoints and write ``output``; returns the written model files or folders.
 
     ``output``: a ``.safetensors`` file, or a folder (an HF model folder: shards + index above
     ``max_shard_bytes``, θ0's config and tokenizer files); per-task methods need a folder.
     ``dtype``: cast every floating input (and so the output) to float32, bfloat16 or float16.
+    ``output_format="adapter"``: a peft LoRA adapter folder instead, for LoRA methods whose result is
+    exactly low-rank (``lora_merge`` with inner=task_arithmetic, ``knots``).
     ``stats_paths``: one statistics file (``taskmerge.stats``) per fine-tuned model, same order,
     for the methods that need them (fisher, regmean, mats).
     """
@@ -104,7 +119,14 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
         raise ValueError(f"method {method.name!r} uses no statistics; drop --stats")
     if not finetuned_paths:
         raise ValueError("the list of fine-tuned models is empty (give --finetuned A B …)")
+    if output_format not in ("model", "adapter"):
+        raise ValueError(f"--output-format {output_format!r}: choose model or adapter")
+    if output_format == "adapter" and method.inputs != "lora":
+        raise ValueError(f"--output-format adapter: method {method.name!r} merges full weights; only LoRA-factor "
+                         f"methods (lora_merge, knots) produce an adapter")
     output = Path(output)
+    if output_format == "adapter" and output.suffix == ".safetensors":
+        raise ValueError(f"{output}: an adapter output is a folder, not a .safetensors file")
     _check_output(output, method.output == "per_task", [pretrained_path, *finetuned_paths, *stats_paths])
 
     pretrained = load_model(pretrained_path, trust_pickle=trust_pickle)
@@ -121,6 +143,8 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
         context["lora"] = [load_lora_factors(p, pretrained) for p in finetuned_paths]
     meta = {"taskmerge_method": method.name, "taskmerge_hparams": json.dumps(resolved, default=str),
             "taskmerge_inputs": json.dumps([str(p) for p in finetuned_paths])}
+    if output_format == "adapter":
+        return [write_adapter(method, pretrained, finetuned, output, resolved, context, finetuned_paths[0])]
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     written = write_merged(method, pretrained, finetuned, output, hparams=resolved, context=context, metadata=meta,
                            progress=progress, **kwargs)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 
-from taskmerge.io.tensors import LazyStateDict, ModelFileError
+from taskmerge.io.tensors import LazyStateDict, ModelFileError, save_state_dict
 from taskmerge.merging.lora import LoraFactors  # the one factor type, shared with KnOTS
 
 _PREFIX = "base_model.model."
@@ -174,3 +175,48 @@ def load_adapter_dense(folder, pretrained: Mapping[str, torch.Tensor]) -> Adapte
                                  f"pretrained {target} has {tuple(pretrained[target].shape)}")
         replaced[target] = t
     return AdapterStateDict(pretrained, lora=lora, ia3=ia3, replaced=replaced)
+
+
+def peft_module_names(folder, pretrained: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{module (pretrained key minus .weight): the adapter's own module name}`` of a LoRA adapter folder."""
+    _, tensors = read_adapter(folder)
+    source = Path(folder) / "adapter_model.safetensors"
+    out = {}
+    for key in tensors:
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            out[_resolve(module + ".weight", pretrained, "LoRA module", source)[: -len(".weight")]] = module
+    return out
+
+
+def save_lora_adapter(folder, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], template, names: Mapping[str, str],
+                      dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``{module: (B [out, r_m], A [r_m, in])}`` (ΔW = B @ A exactly) as a peft LoRA adapter folder.
+
+    Every module is zero-padded to the largest rank R (the padding adds nothing to B @ A), with
+    ``r = lora_alpha = R`` so peft's scale is 1. ``template``: an input adapter folder whose
+    ``adapter_config.json`` (base model, task type, target modules) is kept; ``names`` maps each module to
+    that adapter's own module name (:func:`peft_module_names`). Written atomically.
+    """
+    folder = Path(folder)
+    rank = max(B.shape[1] for B, _ in factors.values())
+    tensors = {}
+    for module, (B, A) in factors.items():
+        pad = rank - B.shape[1]
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1) if pad else B
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0) if pad else A
+        tensors[f"{names[module]}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{names[module]}.lora_B.weight"] = B.to(dtype).contiguous()
+    config, _ = read_adapter(template)
+    config = {**config, "r": rank, "lora_alpha": rank, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False,
+              "use_dora": False}
+    tmp = folder.parent / f".{folder.name}.tmp"
+    tmp.mkdir(exist_ok=False)
+    try:
+        save_state_dict(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

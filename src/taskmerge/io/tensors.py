@@ -106,7 +106,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path, metadata: Mapp
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})  # transformers 4.x needs "format"
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -36,8 +36,8 @@ from typing import Annotated, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from taskmerge.merging.lora import LoraModel, check_lora_models, lora_delta
-from taskmerge.merging.outputs import Update
+from taskmerge.merging.lora import LoraModel, check_lora_models, concat_factors, lora_delta
+from taskmerge.merging.outputs import LowRank, Update
 from taskmerge.merging.primitives import TaskStream, dare_stream, memo
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.ties import Percent, check_percent, ties_stream
@@ -144,7 +144,7 @@ def knots(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
     merged = _inner_merge(stream, inner=inner, k=k, merge=merge, drop_rate=drop_rate, seed=seed,
                           max_keeps_sign=max_keeps_sign)
     for module, sv in merged:
-        yield module + ".weight", Update(bases[module] @ sv, scaling)
+        yield module + ".weight", LowRank(bases[module], sv, scaling)
 
 
 def _joint_svds(modules, models, apply_lora_scale, device) -> tuple[dict, dict]:
@@ -176,12 +176,14 @@ def lora_merge(pretrained: StateDict, finetuned: Sequence[LoraModel], *,
     models = _factors(finetuned, lora)
     modules = check_lora_models(pretrained, models)
     stream = lambda: ((m, [lora_delta(x[m], apply_lora_scale, device) for x in models]) for m in modules)  # noqa: E731
-    if inner == "task_arithmetic":
+    if inner == "task_arithmetic":  # Σ_t s_t B_t A_t = [s_1 B_1 | … | s_T B_T] · [A_1; …; A_T]: rank ≤ T·r
         if merge not in ("mean", "sum"):
             raise ValueError("inner=task_arithmetic: use merge=mean or sum")
-        merged = ((m, torch.stack(d).mean(0) if merge == "mean" else torch.stack(d).sum(0)) for m, d in stream())
-    else:
-        merged = _inner_merge(stream, inner=inner, k=k, merge=merge, drop_rate=drop_rate, seed=seed,
-                              max_keeps_sign=True)
+        weight = 1.0 / len(models) if merge == "mean" else 1.0
+        for m in modules:
+            B, A = concat_factors([x[m] for x in models], apply_lora_scale, device, weight)
+            yield m + ".weight", LowRank(B, A, scaling)
+        return
+    merged = _inner_merge(stream, inner=inner, k=k, merge=merge, drop_rate=drop_rate, seed=seed, max_keeps_sign=True)
     for m, delta in merged:
         yield m + ".weight", Update(delta, scaling)

@@ -47,6 +47,14 @@ def lora_delta(f: _Factors, apply_scale: bool = True, device=None) -> torch.Tens
     return delta * f.scale if apply_scale and f.scale != 1 else delta
 
 
+def concat_factors(factors: Sequence[_Factors], apply_scale: bool = True, device=None, weight: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_cat, A_cat) with B_cat @ A_cat = weight · Σ_t scale_t B_t A_t: B_cat = [w·s_1 B_1 | …], A_cat = [A_1; …]."""
+    Bs = [f.B.to(device=device, dtype=torch.float32) * (weight * (f.scale if apply_scale else 1.0)) for f in factors]
+    As = [f.A.to(device=device, dtype=torch.float32) for f in factors]
+    return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
 def check_lora_models(pretrained: StateDict, models: Sequence[LoraModel]) -> list[str]:
     """Validate LoRA inputs against the pretrained weights; return the module names, sorted.
 

@@ -7,6 +7,8 @@ A registered method is a generator of ``(key, value)`` for every floating tensor
 - an :class:`Update` ``(delta, scale)``: θ = θ0 + scale · delta, with ``delta`` the float32 update;
   a method that is linear in a hyperparameter yields that hyperparameter as ``scale`` and a ``delta``
   that does not depend on it, so the search caches ``delta`` and rescales exactly in every dtype;
+- a :class:`LowRank` ``(B, A, scale)``: the same with delta = B @ A, for updates that are exactly
+  low-rank (written as a peft adapter on request);
 - a tensor: the merged value itself (Fisher, RegMean, MaTS merge weights, not task vectors).
 
 Consumers turn the same stream into a state dict (:func:`collect`), a sharded folder on disk
@@ -29,9 +31,22 @@ class Update(NamedTuple):
     scale: float = 1.0
 
 
+class LowRank(NamedTuple):
+    """θ = θ0 + scale · B @ A: an update that is exactly low-rank (LoRA-factor methods), so that it can be
+    written as a peft adapter (``taskmerge merge --output-format adapter``) as well as densely."""
+
+    B: torch.Tensor  # [out, r] float32
+    A: torch.Tensor  # [r, in] float32
+    scale: float = 1.0
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
 def resolve(base: torch.Tensor, value) -> torch.Tensor:
     """The merged tensor of one value, in ``base``'s dtype and device: θ0 + s·Δ in float32, or the value."""
-    if isinstance(value, Update):
+    if isinstance(value, (Update, LowRank)):
         out = base.to(device=value.delta.device, dtype=torch.float32) + value.scale * value.delta.float()
         return out.to(device=base.device, dtype=base.dtype)
     return value.to(device=base.device, dtype=base.dtype)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from taskmerge.merging.outputs import Update, collect
+from taskmerge.merging.outputs import LowRank, Update, collect
 from taskmerge.merging.registry import Method, StateDict, get_method
 from taskmerge.search.store import ResultStore, hparams_key
 
@@ -132,12 +132,14 @@ class _MergeCache:
         key = hparams_key(rest)
         if key != self._key:
             self._delta = None
-            self._delta = dict(m.stream(ctx.pretrained, ctx.finetuned, {**rest, m.linear_in: 1.0}, **context))
-            if not all(isinstance(u, Update) for u in self._delta.values()):
-                raise TypeError(f"method {m.name!r} is linear_in={m.linear_in!r} but yields tensors, not Updates")
+            self._delta = {}
+            for k, u in m.stream(ctx.pretrained, ctx.finetuned, {**rest, m.linear_in: 1.0}, **context):
+                if not isinstance(u, (Update, LowRank)):
+                    raise TypeError(f"method {m.name!r} is linear_in={m.linear_in!r} but yields tensors, not Updates")
+                self._delta[k] = u.delta
             self._key = key
         s = float(m.resolve(hp)[m.linear_in])
-        return collect(ctx.pretrained, ((k, Update(u.delta, s)) for k, u in self._delta.items()))
+        return collect(ctx.pretrained, ((k, Update(d, s)) for k, d in self._delta.items()))
 
 
 def _evaluate_point(ctx: SearchContext, merged, split: str, tasks: Sequence[str] | None = None) -> dict[str, float]:
