@@ -57,9 +57,10 @@ def _check_output(output: Path, per_task: bool, inputs: Sequence) -> None:
         p = Path(p).resolve()
         if resolved == p or p in resolved.parents or resolved in p.parents:
             raise ValueError(f"{output}: the output overlaps the input {p}; choose another output path")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        what = "folder" if per_task or output.suffix != ".safetensors" else "file"
-        raise ValueError(f"{output}: the output {what} already exists{' and is not empty' if output.is_dir() else ''}")
+    if output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"{output}: the output folder already exists and is not empty")
+    if output.exists() and not output.is_dir() and output.suffix != ".safetensors":
+        raise ValueError(f"{output}: exists and is not a folder")
     if output.suffix in _WEIGHT_SUFFIXES and output.suffix != ".safetensors":
         raise ValueError(f"{output}: the output must be a .safetensors file or a folder (pickles are not written)")
     if per_task and output.suffix == ".safetensors":

@@ -96,7 +96,7 @@ def test_save_is_atomic_and_handles_shared_tensors(tmp_path, monkeypatch):
     w = torch.randn(3, 3)
     path = save_state_dict({"a": w, "tied": w, "t": w.T}, tmp_path / "o.safetensors", {"k": "v"})
     back = load_model(path)
-    assert torch.equal(back["tied"], w) and torch.equal(back["t"], w.T) and back.metadata == {"k": "v"}
+    assert torch.equal(back["tied"], w) and torch.equal(back["t"], w.T) and back.metadata == {"format": "pt", "k": "v"}
     import taskmerge.io.tensors as tensors
 
     def boom(*a, **k):
