@@ -15,8 +15,8 @@ as the official code), ranking |τ_t| ascending (stable: ties by position):
 density ≥ 1 keeps τ_t whole. With γ = 0 it is a magnitude top-k keeping int(density·n) entries.
 
 mergekit's slice ``sorted_indices[bottom:-top]`` is empty when top = int(γ·n) = 0, so every
-tensor with γ·n < 1 (every small bias and norm at γ = 0.01, and *every* tensor at γ = 0) loses
-its whole task vector and stays at θ0. That is an artefact of Python's ``-0`` slice, not the
+tensor with γ·n < 1 (fewer than 100 entries at mergekit's γ = 0.01, e.g. small biases, and *every*
+tensor at γ = 0) loses its whole task vector and stays at θ0. That is an artefact of Python's ``-0`` slice, not the
 method (the official code keeps the top-k there), so by default we keep the ``keep`` entries;
 ``mergekit_empty_slice=True`` reproduces mergekit's output.
 

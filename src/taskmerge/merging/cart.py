@@ -1,6 +1,6 @@
 """CART: Centered Arithmetic with Rank-reduced Task vectors.
 
-Choi, Kim, Lee, et al., "Revisiting Weight Averaging for Model Merging" (arXiv 2412.12153);
+Choi, Kim, Lee, Hong, "Revisiting Weight Averaging for Model Merging" (arXiv 2412.12153);
 official code github.com/JH-GEECS/CART (``src/merging.py``: ``_merge_weights("CART")`` and
 ``_get_truncated_task_vectors``).
 
@@ -70,7 +70,8 @@ def cart(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         scaling (λ, default 2.0): the official config ``prior`` for 8 ViT-B/32 tasks (1.9 for 20
             tasks). Negative λ subtracts the low-rank centred parts (the mean τ̄ stays).
         rank_fraction (ρ, default 0.12): the official ``initial_rank_ratio`` for 8 tasks (0.32 for
-            20); r = max(1, int(ρ·min(O, I))), ρ = 1 full rank, ρ = 0 nothing.
+            20; the paper finds ranks around 8% best); r = max(1, int(ρ·min(O, I))), ρ = 1 full rank,
+            ρ = 0 nothing.
         svd_scope (default ``linear``): tensors of kind ``linear`` (``selection.tensor_kinds``). The
             official name rule ("attn" or "mlp" in the name, no "ln"/"bias") picks, on open_clip
             ViTs, exactly the attention and MLP weight matrices, which ``linear`` with the model's
