@@ -79,5 +79,8 @@ def test_search_cache_gives_the_same_merge():
         plain = method(pre, fts, {"rank_fraction": 0.2, "scaling": scaling})
         for key in pre:
             assert torch.equal(cached[key], plain[key])
-    assert len(cache) == 2  # L of the two 2-D weights, once for both λ
+    (store,) = cache.values()
+    assert set(store) == {"attn.weight", "mlp.weight"}  # L of the two 2-D weights, built once for both λ
+    method(pre, fts, {"rank_fraction": 0.5, "scaling": 1.0}, cache=cache)
+    assert len(cache) == 1  # a new rank_fraction replaces the old one's L (memory: one model's 2-D weights)
     assert method.linear_in is None  # θ0 + τ̄ + λL is affine in λ

@@ -56,6 +56,14 @@ def test_sign_conflict_gives_negative_t():
     torch.testing.assert_close(merge("model_stock", pre, fts)["w"], torch.tensor([0.0, -9.9]), rtol=1e-4, atol=1e-5)
 
 
+def test_singular_denominator_keeps_the_base():
+    # τ2 = −τ1: cos θ = −1, (K − 1) cos θ + 1 = 0 → no finite t; mergekit 0.1.5 keeps θ0 (t = 0) there.
+    pre = {"w": torch.ones(2)}
+    fts = [{"w": torch.tensor([2.0, 1.5])}, {"w": torch.tensor([0.0, 0.5])}]
+    assert torch.equal(stock_ratio([f["w"] - pre["w"] for f in fts]), torch.tensor(0.0))
+    assert torch.equal(merge("model_stock", pre, fts)["w"], pre["w"])
+
+
 def test_filter_wise_gives_one_ratio_per_row():
     # row 0: τ1 = (1, 0), τ2 = (0, 1) → cos 0 → t = 0;  row 1: τ1 = τ2 = (2, 2) → cos 1 → t = 1.
     pre = {"w": torch.zeros(2, 2)}

@@ -14,11 +14,12 @@ as the official code), ranking |τ_t| ascending (stable: ties by position):
 
 density ≥ 1 keeps τ_t whole. With γ = 0 it is a magnitude top-k keeping int(density·n) entries.
 
-mergekit's slice ``sorted_indices[bottom:-top]`` is empty when top = int(γ·n) = 0, so every
-tensor with γ·n < 1 (fewer than 100 entries at mergekit's γ = 0.01, e.g. small biases, and *every*
-tensor at γ = 0) loses its whole task vector and stays at θ0. That is an artefact of Python's ``-0`` slice, not the
-method (the official code keeps the top-k there), so by default we keep the ``keep`` entries;
-``mergekit_empty_slice=True`` reproduces mergekit's output.
+mergekit's git code (up to the snapshot read, a6e4028) keeps ``sorted_indices[bottom:-top]``, which
+is empty when top = int(γ·n) = 0: every tensor with γ·n < 1 (fewer than 100 entries at mergekit's
+γ = 0.01, e.g. small biases, and *every* tensor at γ = 0) loses its whole task vector and stays at
+θ0. That is an artefact of Python's ``-0`` slice, not the method: the official code keeps the
+top-k there, and the released mergekit 0.1.5 keeps ``sorted_indices[bottom:bottom + keep]``. We do
+the same by default; ``mergekit_empty_slice=True`` reproduces the git code's output.
 
 Arithmetic in float32 on ``device``; values come back in the input dtype.
 """
@@ -83,8 +84,8 @@ def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         scaling (α, default 0.2): official search α ∈ U(0.01, 1). Linear in α; negative negates.
         scope (default ``tensor``, mergekit): ranks over the whole tensor; ``row``: per row of the
             last dimension (the official code's ``topk`` along ``dim=-1``; 0-D tensors kept whole).
-        mergekit_empty_slice (default False): True reproduces mergekit dropping every tensor with
-            int(γ·n) = 0 (module docstring).
+        mergekit_empty_slice (default False): True reproduces mergekit's git code dropping every
+            tensor with int(γ·n) = 0 (module docstring).
 
     Deviations: ties in |τ| are broken by position (mergekit's unstable sort breaks them
     arbitrarily); the official code's ``bottom < 0`` case (keep + top > n) keeps n − top entries,

@@ -56,8 +56,19 @@ def centred_low_rank_sum(taus: Sequence[torch.Tensor], mean: torch.Tensor, rank_
     return total
 
 
+def _low_rank_store(cache: dict | None, setting: tuple) -> dict | None:
+    """The search cache's {key: L} for one (ρ, scope, exclude) setting. Only the latest setting is kept:
+    the config's grid puts rank_fraction first, so λ varies fastest and each L is built once."""
+    if cache is None:
+        return None
+    name = ("cart_low_rank",) + setting
+    for old in [k for k in cache if isinstance(k, tuple) and k[:1] == ("cart_low_rank",) and k != name]:
+        del cache[old]
+    return cache.setdefault(name, {})
+
+
 @register("cart", memory="one key of every input (T SVDs of one matrix); in a search, the cache keeps "
-                         "Σ_t lowrank(τ_t − τ̄) of every SVD'd matrix per rank_fraction")
+                         "Σ_t lowrank(τ_t − τ̄) of every SVD'd matrix for the current rank_fraction")
 def cart(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          scaling: float = 2.0,
          rank_fraction: Annotated[float, Range(0.0, 1.0)] = 0.12,
@@ -85,11 +96,11 @@ def cart(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     Deviations: the zero term λ Σ_t (τ_t − τ̄) on untruncated tensors is dropped (see the module
     docstring); the official name rule is replaced by the kind rule above.
     """
+    store = _low_rank_store(cache, (rank_fraction, svd_scope, svd_exclude))
     for key, taus in task_stream(pretrained, finetuned, device)():
         mean = mean_task_vector(taus)
         if not _svd_this(key, shape_of(pretrained, key), svd_scope, svd_exclude, kinds):
             yield key, Update(mean, 1.0)
             continue
-        low = memo(cache, ("cart_low_rank", key, rank_fraction, svd_scope, svd_exclude),
-                   lambda: centred_low_rank_sum(taus, mean, rank_fraction))
+        low = memo(store, key, lambda: centred_low_rank_sum(taus, mean, rank_fraction))
         yield key, Update(mean + scaling * low, 1.0)

@@ -14,7 +14,9 @@ For each floating tensor, with τ_t = θ_t − θ0 flattened (or per row, ``filt
 
 The two averages differ by ~1e-4 in t on real checkpoints. t is not clipped: a tensor whose task
 vectors point in conflicting directions (cos θ < 0) gets t < 0, i.e. is pushed *away* from the
-average, as in both reference implementations. A tensor no task changed (τ = 0) has cos θ = 0,
+average, as in both reference implementations. Where |(K − 1) cos θ + 1| < 1e-6 (cos θ ≈ −1/(K−1),
+t would be unbounded) t = 0, as the released mergekit 0.1.5 does; the older mergekit code divides
+anyway and FusionBench adds 1e-8 to the denominator. A tensor no task changed (τ = 0) has cos θ = 0,
 t = 0: it stays θ0. Identical fine-tuned models have cos θ = 1, t = 1: the merge is that model.
 
 Arithmetic in float32 on ``device``; values come back in the input dtype. No hyperparameter to
@@ -48,7 +50,9 @@ def stock_ratio(taus: Sequence[torch.Tensor], average: str = "cosine", filter_wi
     stacked = torch.stack(cosines)
     cos = stacked.mean(0) if average == "cosine" else torch.cos(torch.arccos(stacked).mean(0))
     k = len(taus)
-    t = k * cos / ((k - 1) * cos + 1)
+    denominator = (k - 1) * cos + 1
+    singular = denominator.abs() < 1e-6  # mergekit 0.1.5: no finite estimate there, keep θ0 (t = 0)
+    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
     if filter_wise:
         return t.unsqueeze(-1) if taus[0].dim() >= 2 else t.reshape(())  # 0-/1-D: one row
     return t
