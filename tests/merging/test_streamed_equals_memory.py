@@ -66,7 +66,10 @@ CASES = [(name, {}) for name in sorted(METHODS) if name != "mats"] + \
     [("mats", {"objective": o, "iterations": 30}) for o in ("average", "diagonal_fisher", "regmean",
                                                              "blockwise_fisher")] + \
     [("ties", {"trim_scope": "per_tensor", "trim_count": "exact"}), ("dare", {"base": "task_arithmetic"}),
-     ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True})]
+     ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True}),
+     ("iso_cts", {"common_space_fraction": 1.0}), ("cart", {"svd_scope": "all_2d", "rank_fraction": 0.5}),
+     ("model_stock", {"average": "angle", "filter_wise": True}), ("breadcrumbs", {"scope": "row"}),
+     ("della", {"elect": False, "epsilon": 0.0, "rescale": "l1"})]
 # where a reduction order changes between the two consumers, the tolerance is stated here (relative)
 TOLERANCE: dict[str, float] = {}
 
