@@ -66,7 +66,9 @@ CASES = [(name, {}) for name in sorted(METHODS) if name != "mats"] + \
     [("mats", {"objective": o, "iterations": 30}) for o in ("average", "diagonal_fisher", "regmean",
                                                              "blockwise_fisher")] + \
     [("ties", {"trim_scope": "per_tensor", "trim_count": "exact"}), ("dare", {"base": "task_arithmetic"}),
-     ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True})]
+     ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True}),
+     ("lines", {"base": "consensus", "base_params": "use_ties=true", "beta": 1.0}),
+     ("emr", {"rescale": "flat_mean"})]
 # where a reduction order changes between the two consumers, the tolerance is stated here (relative)
 TOLERANCE: dict[str, float] = {}
 
