@@ -68,7 +68,8 @@ CASES = [(name, {}) for name in sorted(METHODS) if name != "mats"] + \
     [("ties", {"trim_scope": "per_tensor", "trim_count": "exact"}), ("dare", {"base": "task_arithmetic"}),
      ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True}),
      ("lines", {"base": "consensus", "base_params": "use_ties=true", "beta": 1.0}),
-     ("emr", {"rescale": "flat_mean"}), ("wudi", {"others": "average", "iterations": 20})]
+     ("emr", {"rescale": "flat_mean"}), ("wudi", {"others": "average", "iterations": 20}),
+     ("core_space", {"inner": "ties", "inner_params": "k=50"}), ("core_space", {"inner": "task_arithmetic"})]
 # where a reduction order changes between the two consumers, the tolerance is stated here (relative)
 TOLERANCE: dict[str, float] = {}
 
