@@ -54,6 +54,15 @@ def adapters(base, seed, rank=2):
             for name, (out, inp) in LINEARS.items() if name != "l.2"}
 
 
+def layer_stats_from(stats):
+    """A RegMean++ ``layer_stats`` callback over fixed Grams, task t's scaled by 1 + t + a number drawn from the
+    merged tensors it is handed, so that the merge depends on what each consumer hands on."""
+    def callback(block, merged):
+        shift = sum(float(v.double().abs().sum()) for v in merged.values()) % 1
+        return [{k: v * (1 + t + shift) for k, v in s.items()} for t, s in enumerate(stats)]
+    return callback
+
+
 def write(state, folder):
     with ShardedWriter(folder, specs_of(state), max_shard_bytes=300) as w:
         for k in reversed(list(state)):
@@ -69,7 +78,8 @@ CASES = [(name, {}) for name in sorted(METHODS) if name != "mats"] + \
      ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True}),
      ("lines", {"base": "consensus", "base_params": "use_ties=true", "beta": 1.0}),
      ("emr", {"rescale": "flat_mean"}), ("wudi", {"others": "average", "iterations": 20}),
-     ("core_space", {"inner": "ties", "inner_params": "k=50"}), ("core_space", {"inner": "task_arithmetic"})]
+     ("core_space", {"inner": "ties", "inner_params": "k=50"}), ("core_space", {"inner": "task_arithmetic"}),
+     ("regmean_plusplus", {"after_blocks": "average"})]
 # where a reduction order changes between the two consumers, the tolerance is stated here (relative)
 TOLERANCE: dict[str, float] = {}
 
@@ -83,6 +93,8 @@ def test_streamed_equals_in_memory(tmp_path, name, hp, dtype):
     context = {"kinds": None}
     if "stats" in method.context:
         context["stats"] = [statistics(base, s) for s in (1, 2, 3)]
+    if "layer_stats" in method.context:
+        context["layer_stats"] = layer_stats_from([statistics(base, s) for s in (1, 2, 3)])
     if method.inputs == "lora":
         context["lora"] = [adapters(base, s) for s in (1, 2, 3)]
     want = method(base, fts, hp, **context)
