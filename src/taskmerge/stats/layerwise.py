@@ -38,7 +38,9 @@ class LayerwiseGrams:
         blocks: ``model -> its sequence of blocks`` (e.g. ``lambda m: m.vision_model.encoder.layers``).
         prefix: the state-dict prefix of the blocks (``"vision_model.encoder.layers"``).
         embed: ``(model, batch) -> input of block 0`` (embeddings and pre-norm of that model).
-        forward: ``(block, x) -> output`` (default ``block(x)``, first element of a tuple).
+        forward: ``(block, x) -> output`` (default ``block(x)``, or its first element when a block returns
+            a tuple: FusionBench's CLIP forward indexes ``[0]``, which breaks where transformers 5
+            layers return a tensor; both are accepted here).
     """
 
     def __init__(self, merged: nn.Module, models: Sequence[nn.Module], batches: Sequence[Sequence[Any]], *,
