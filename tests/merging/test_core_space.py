@@ -86,3 +86,15 @@ def test_unknown_or_unsuitable_inner_fails_clearly():
         merge("core_space", pre, adapters, {"inner": "regmean"})
     with pytest.raises(ValueError, match="no hyperparameter kk"):
         merge("core_space", pre, adapters, {"inner": "ties", "inner_params": "kk=1"})
+
+
+def test_hand_computed_cores():
+    # A_stack = diag(1, 2): V_A's rows are ±e2 (σ 2), ±e1 (σ 1); B_stack = diag(3, 1): U_B's columns ±e1, ±e2.
+    # ΔW_1 = 3 e1e1ᵀ → M_1 = ±3 at (0, 1); ΔW_2 = 2 e2e2ᵀ → M_2 = ±2 at (1, 0) (signs: the SVD's choice)
+    f1 = LoraFactors(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0], [0.0]]), 1.0)
+    f2 = LoraFactors(torch.tensor([[0.0, 2.0]]), torch.tensor([[0.0], [1.0]]), 1.0)
+    u_b, vh_a, (m1, m2) = core_matrices([f1, f2])
+    torch.testing.assert_close(m1.abs(), torch.tensor([[0.0, 3.0], [0.0, 0.0]]))
+    torch.testing.assert_close(m2.abs(), torch.tensor([[0.0, 0.0], [2.0, 0.0]]))
+    torch.testing.assert_close(vh_a.abs(), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    torch.testing.assert_close(u_b.abs(), torch.eye(2))
