@@ -88,6 +88,10 @@ def test_qkv_layouts():
         k = f"attn.{name}_proj.weight"
         torch.testing.assert_close(as_one[k] - hf_pre[k], stacked[4 * i:4 * i + 4], rtol=0, atol=1e-6)
         torch.testing.assert_close(as_three[k] - hf_pre[k], split[4 * i:4 * i + 4], rtol=0, atol=1e-6)
+    bert = lambda sd: {f"self.{n}.weight": sd[f"attn.{n[0]}_proj.weight"] for n in ("query", "key", "value")}  # noqa: E731
+    as_bert = merge("wudi", bert(hf_pre), [bert(f) for f in hf_fts], {"iterations": 20, "lr": 1e-2, "qkv": "stacked"})
+    for k, v in bert(as_one).items():
+        assert torch.equal(as_bert[k], v), k
 
 
 def test_a_zero_task_vector_drops_out():

@@ -28,9 +28,11 @@ Attention layout (``qkv``): open_clip stores q, k and v as one stacked ``in_proj
 the official code optimises it as one matrix, so its loss couples q, k and v (cross terms
 (τ_m − τ_t)_q τ_{t,k}ᵀ); HF layouts store ``q_proj``/``k_proj``/``v_proj`` apart, and the merges
 differ (issue 12's fidelity run measured up to 64 % on tiny models). ``as_stored`` (default) follows
-the layout it is given (official on open_clip); ``split`` optimises q, k, v apart everywhere (the
-HF behaviour on open_clip); ``stacked`` stacks HF ``q_proj``, ``k_proj``, ``v_proj`` weights into
-one matrix (the official behaviour on HF models).
+the layout it is given: official on both, since the ViT code optimises open_clip's stacked
+``in_proj_weight`` and the RoBERTa code (``nlp_roberta/merge.py``) HF's query, key and value apart;
+``split`` optimises q, k, v apart everywhere (the HF behaviour on open_clip); ``stacked`` stacks HF
+``q_proj``/``k_proj``/``v_proj`` (or BERT's ``query``/``key``/``value``) weights of one attention into
+one matrix (the open_clip coupling on HF layouts).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.selection import is_matrix
 
-QKV = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+QKV = (("q_proj.weight", "k_proj.weight", "v_proj.weight"),  # HF Llama/CLIP/… names
+       ("query.weight", "key.weight", "value.weight"))         # HF BERT/RoBERTa names
 IN_PROJ = "in_proj_weight"
 
 
@@ -85,10 +88,11 @@ def _groups(pretrained, keys: Sequence[str], qkv: str) -> dict[str, tuple[str, .
     if qkv != "stacked":
         return groups
     for key in keys:
-        if key.endswith(QKV[0]):
-            members = tuple(key[:-len(QKV[0])] + s for s in QKV)
-            if all(m in groups and shape_of(pretrained, m)[1] == shape_of(pretrained, key)[1] for m in members):
-                groups.update(dict.fromkeys(members, members))
+        for names in QKV:
+            if key.endswith(names[0]):
+                members = tuple(key[:-len(names[0])] + s for s in names)
+                if all(m in groups and shape_of(pretrained, m)[1] == shape_of(pretrained, key)[1] for m in members):
+                    groups.update(dict.fromkeys(members, members))
     return groups
 
 
