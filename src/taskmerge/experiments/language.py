@@ -109,6 +109,19 @@ class LanguageAdapter(Adapter):
     def model(self):
         return self.base
 
+    def load(self) -> "LanguageAdapter":
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        self.base = self.load_base(self.cfg.model.path)
+        self.setup(self.cfg)
+        return self
+
+    def load_base(self, path: str):
+        raise NotImplementedError
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Data, the merge's pretrained state and the evaluator, once ``tokenizer`` and ``base`` exist."""
+        raise NotImplementedError
+
     def pretrained_state(self) -> dict:
         return self._pretrained
 
@@ -121,10 +134,10 @@ class T5Mats(LanguageAdapter):
 
     inputs = frozenset({"kinds", "stats"})
 
-    def load(self) -> "T5Mats":
-        cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.base = t5.load_t5(cfg.model.path)
+    def load_base(self, path: str):
+        return t5.load_t5(path)
+
+    def setup(self, cfg: DictConfig) -> None:
         self.aliases, self.mode = t5.tied_aliases(self.base), cfg.finetune.mode
         self.splits = {}
         for task in self.tasks:
@@ -136,7 +149,6 @@ class T5Mats(LanguageAdapter):
         self._pretrained = (t5.drop_aliases(pretrained, self.aliases) if self.mode == "full"
                             else t5.ia3_pretrained(pretrained))
         self._evaluator = T5Evaluator(self._wrapped(), self.splits, self.tokenizer, self.mode, self.aliases)
-        return self
 
     def _wrapped(self, state: dict | None = None):
         model = t5.wrap(copy.deepcopy(self.base), self.mode)
@@ -177,17 +189,16 @@ class LlamaKnots(LanguageAdapter):
 
     inputs = frozenset({"kinds", "lora"})
 
-    def load(self) -> "LlamaKnots":
-        cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-        self.base = llama.load_llama(cfg.model.path)
+    def load_base(self, path: str):
+        return llama.load_llama(path)
+
+    def setup(self, cfg: DictConfig) -> None:
         limits = {"train": cfg.budget.max_train, "validation": cfg.budget.max_eval, "test": cfg.budget.max_test}
         self.splits = {(t, s): nli.NLISplit(self.tokenizer, nli.split_examples(t, s, cfg.seed, n), cfg.model.max_length)
                        for t in self.tasks for s, n in limits.items()}
         self._pretrained = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
         self.heads, self.factors = {}, {}
         self._evaluator = LlamaEvaluator(copy.deepcopy(self.base), self.splits, self.heads)
-        return self
 
     def train(self, task: str, folder: Path) -> dict:
         model = llama.wrap_lora(copy.deepcopy(self.base), OmegaConf.to_container(self.cfg.finetune.lora, resolve=True))
