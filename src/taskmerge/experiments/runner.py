@@ -82,6 +82,10 @@ class Adapter:
     def checkpoints(self) -> TaskCheckpoints:
         raise NotImplementedError
 
+    def checkpoint(self, task: str) -> Path:
+        """Where ``task``'s own checkpoint folder is (an imported one: ``checkpoints.source``)."""
+        return self.checkpoints.path(task)
+
     def train(self, task: str, folder: Path) -> dict:
         """Fine-tune ``task``, write its weights into ``folder``, return metadata (accuracies, loss)."""
         raise NotImplementedError

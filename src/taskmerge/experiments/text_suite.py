@@ -63,9 +63,6 @@ class TextSuite(Adapter):
         parts = {"finetune": vars(finetune_config(c)), "budget": budget, "model": c.model.name}
         return self.make_checkpoints(self.ckpt_root / c.suite / c.model.name / c.finetune.mode, lambda task: parts)
 
-    def checkpoint(self, task: str) -> Path:
-        return self.checkpoints.path(task)
-
     # ---------------------------------------------------------------- data, model, heads
     def load(self) -> "TextSuite":
         b = self.cfg.budget

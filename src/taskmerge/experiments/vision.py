@@ -74,9 +74,6 @@ class VisionSuite(Adapter):
         out.writer = self.accelerator is None or self.accelerator.is_main_process
         return out
 
-    def checkpoint(self, task: str) -> Path:
-        return self.checkpoints.path(task)
-
     def load(self) -> "VisionSuite":
         m = self.cfg.model
         arch = m.arch if isinstance(m.arch, str) else OmegaConf.to_container(m.arch)
