@@ -23,7 +23,7 @@ from taskmerge.data import vision as vdata
 from taskmerge.evaluate.joint import JointLabels, joint_topk
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments.text_suite import repo_path
-from taskmerge.models.clip import ClipFamily, ZeroShotHead
+from taskmerge.models.clip import ClipFamily, ZeroShotHead, align_vision_keys
 from taskmerge.provenance import file_hash, git_commit, package_versions, write_json_atomic
 from taskmerge.train import checkpoints as ckpt
 from taskmerge.train.clip_finetune import ClipFinetuneConfig, finetune_clip
@@ -149,7 +149,7 @@ class VisionSuite:
             if src is None:
                 out.append(ckpt.load_encoder_state(self.checkpoint(t), self.family.encoder))
                 continue
-            sd = load_model(src, pretrained=pretrained)
+            sd = align_vision_keys(load_model(src, pretrained=pretrained), pretrained)  # both HF layouts
             missing = [k for k in pretrained if k not in sd]
             if [k for k in missing if k.startswith(("visual.", "vision_model."))]:
                 raise ValueError(f"{src}: lacks encoder tensors such as {missing[:3]}")

@@ -246,6 +246,25 @@ class ClipFamily:
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
 
 
+VISION_PREFIX = "vision_model."
+
+
+def align_vision_keys(sd, reference):
+    """``sd`` with ``reference``'s tensor names, for both ``CLIPVisionModel`` layouts.
+
+    transformers 4 (and FusionBench's folders) save ``CLIPVisionModel`` with the ``vision_model.``
+    prefix, as ``CLIPModel`` does; transformers 5 saves it without (``embeddings.*``, ``encoder.*``,
+    ``post_layernorm.*``). When ``reference`` (the ``hf`` encoder's state dict) is prefixed and
+    ``sd`` is not, the prefix is added; any other state dict comes back as it is (tensors unread).
+    """
+    if any(k.startswith(VISION_PREFIX) for k in sd) or not any(k.startswith(VISION_PREFIX) for k in reference):
+        return sd
+    renamed = {VISION_PREFIX + k: k for k in sd if VISION_PREFIX + k in reference}
+    if not renamed:
+        return sd
+    return {new: sd[old] for new, old in renamed.items()}
+
+
 def save_head(head: ZeroShotHead, path: Path, classnames: Sequence[str], templates: Sequence[str], model: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
