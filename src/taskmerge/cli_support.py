@@ -1,4 +1,4 @@
-"""Turn expected failures (missing data, checkpoints or packages; bad input) into one clear line."""
+"""Turn failures of the scripts (missing data, checkpoints or packages; bad input; unreadable files) into one clear line."""
 from __future__ import annotations
 
 import functools
@@ -10,18 +10,29 @@ from taskmerge.data.sources import MissingDataError
 EXPECTED = (MissingDataError, FileNotFoundError, ValueError, KeyError, RuntimeError)
 
 
+def error_line(e: BaseException) -> str:
+    """One line for an error: its message for expected ones, ``Type: message`` otherwise (as ``taskmerge``)."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    text = str(msg).strip().splitlines()[0] if str(msg).strip() else ""
+    return text if isinstance(e, EXPECTED) else f"{type(e).__name__}: {text}"
+
+
 def friendly_errors(fn):
-    """Decorator: on an expected error print ``error: …`` and exit 2 (``TASKMERGE_DEBUG=1`` re-raises)."""
+    """Decorator for the Hydra scripts: any error is one ``error: …`` line on stderr and exit code 2,
+    never a traceback (``TASKMERGE_DEBUG=1`` re-raises) — what the ``taskmerge`` CLI does.
+
+    Files are named by the loaders (``taskmerge.io``: a truncated checkpoint is a ``ModelFileError``
+    naming it), so the line says which file is bad.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EXPECTED as e:
+        except Exception as e:  # noqa: BLE001 — every failure is one clear line, never a traceback
             if os.environ.get("TASKMERGE_DEBUG"):
                 raise
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {error_line(e)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

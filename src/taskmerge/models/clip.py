@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from taskmerge.io.tensors import load_safetensors
 
 # open_clip-style architecture dicts. ViT-B-32/B-16/L-14: open_clip's own configs (OpenAI CLIP).
 ARCHS: dict[str, dict] = {
@@ -186,7 +188,7 @@ class ClipFamily:
         else:
             clip = build_open_clip(arch, seed)
             if path:
-                state = load_file(str(path))
+                state = load_safetensors(path)
                 missing, unexpected = clip.load_state_dict(state, strict=False)
                 if unexpected or [k for k in missing if not k.startswith("transformer.")]:
                     raise ValueError(f"{path}: not an open_clip {name} state dict (missing {missing[:3]}, "
@@ -278,11 +280,11 @@ def save_head(head: ZeroShotHead, path: Path, classnames: Sequence[str], templat
 
 
 def load_head(path: Path) -> ZeroShotHead:
-    from safetensors import safe_open
+    from taskmerge.io.tensors import LazyStateDict
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    sd = load_file(str(path))
+    lazy = LazyStateDict([path])
+    meta = lazy.metadata
+    sd = {k: lazy[k] for k in lazy}
     head = ZeroShotHead(sd["weight"], sd.get("projection"))
     head.classnames = json.loads(meta.get("classnames", "[]"))
     return head

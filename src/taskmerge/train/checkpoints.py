@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from taskmerge.io.tensors import ModelFileError, load_safetensors
 from taskmerge.provenance import write_json_atomic
 
 
@@ -44,7 +45,7 @@ def save_head(head: nn.Linear, path: Path, labels: list[str]) -> None:
 def load_head(path: Path) -> nn.Linear:
     if not Path(path).exists():
         raise FileNotFoundError(f"no head at {path}")
-    sd = load_file(str(path))
+    sd = load_safetensors(path)
     head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
     head.load_state_dict(sd)
     return head.requires_grad_(False)
@@ -90,7 +91,11 @@ def load_metadata(path: Path) -> dict:
     if not meta.exists():
         raise FileNotFoundError(f"no complete checkpoint at {path} (metadata.json missing): "
                                 "run training_scripts/finetune.py for this task first")
-    return json.loads(meta.read_text())
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{meta}: not a readable metadata file ({e}); delete the checkpoint folder "
+                             "or pass force=true to retrain it") from None
 
 
 def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,12 +106,16 @@ def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Ten
     path = Path(path)
     mode = load_metadata(path)["mode"]
     if mode == "full":
-        sd = load_file(str(path / "model.safetensors"))
+        sd = load_safetensors(path / "model.safetensors")
         ref = pretrained.state_dict()
         return {k: sd[k] if k in sd else v.clone() for k, v in ref.items()}
     import copy
 
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(copy.deepcopy(pretrained), str(path / "adapter"))
+    try:
+        model = PeftModel.from_pretrained(copy.deepcopy(pretrained), str(path / "adapter"))
+    except Exception as e:  # noqa: BLE001 — peft re-raises safetensors' errors without the file
+        raise ModelFileError(f"{path / 'adapter'}: not a readable peft adapter ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
