@@ -117,8 +117,10 @@ class ZeroShotHead(nn.Module):
 
 class ImageClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, head: nn.Module):
+        from taskmerge.devices import module_device
+
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head = encoder, head.to(module_device(encoder))  # the head follows the encoder
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
@@ -198,8 +200,17 @@ class ClipFamily:
                 return fam
         return cls(backend, clip, name, text_leftovers)
 
+    def to(self, device) -> "ClipFamily":
+        """Put the CLIP model and the mergeable encoder on ``device`` (the script's ``device``)."""
+        self.clip.to(device)
+        self.encoder.to(device)
+        return self
+
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        from taskmerge.devices import module_device
+
+        tokens = tokens.to(module_device(self.clip))
         if self.backend == "open_clip":
             return self.clip.encode_text(tokens)
         return self.clip.text_projection(self.clip.text_model(input_ids=tokens).pooler_output)
@@ -245,7 +256,7 @@ class ClipFamily:
         return ImageClassifier(encoder, head)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.encoder.state_dict().items()}  # CPU copies
 
 
 VISION_PREFIX = "vision_model."
@@ -270,9 +281,9 @@ def align_vision_keys(sd, reference):
 def save_head(head: ZeroShotHead, path: Path, classnames: Sequence[str], templates: Sequence[str], model: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"weight": head.weight.contiguous()}
+    tensors = {"weight": head.weight.cpu().contiguous()}
     if head.projection is not None:
-        tensors["projection"] = head.projection.contiguous()
+        tensors["projection"] = head.projection.cpu().contiguous()
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"classnames": json.dumps(list(classnames)),
                                            "templates": json.dumps(list(templates)), "model": model})

@@ -37,7 +37,7 @@ def is_complete(path: Path) -> bool:
 def save_head(head: nn.Linear, path: Path, labels: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+    save_file({"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()},
               str(tmp), metadata={"labels": json.dumps(labels)})
     os.replace(tmp, path)
 
@@ -108,7 +108,7 @@ def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Ten
     if mode == "full":
         sd = load_safetensors(path / "model.safetensors")
         ref = pretrained.state_dict()
-        return {k: sd[k] if k in sd else v.clone() for k, v in ref.items()}
+        return {k: sd[k] if k in sd else v.detach().to("cpu", copy=True) for k, v in ref.items()}
     import copy
 
     from peft import PeftModel
@@ -118,4 +118,4 @@ def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Ten
     except Exception as e:  # noqa: BLE001 — peft re-raises safetensors' errors without the file
         raise ModelFileError(f"{path / 'adapter'}: not a readable peft adapter ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.merge_and_unload().state_dict().items()}
