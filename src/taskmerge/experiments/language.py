@@ -25,13 +25,14 @@ import time
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from taskmerge.devices import config_device
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments import language_checkpoints as lc
 from taskmerge.experiments.language_checkpoints import TaskCheckpoints
 from taskmerge.experiments.text_suite import repo_path
 from taskmerge.search.engine import SearchContext, search_method, write_baselines
 from taskmerge.search.spaces import spaces_from_config
-from taskmerge.search.store import ResultStore
+from taskmerge.search.store import ResultStore, experiment_identity
 from taskmerge.stats.keys import split_key
 from taskmerge.train.finetune import FinetuneConfig, finetune
 
@@ -98,7 +99,7 @@ def run_mats(cfg: DictConfig) -> dict:
     from taskmerge.models import t5
 
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    base = t5.load_t5(cfg.model.path)
+    base = t5.load_t5(cfg.model.path).to(config_device(cfg))
     aliases = t5.tied_aliases(base)
     mode = cfg.finetune.mode
     splits = {}
@@ -163,7 +164,7 @@ def run_knots(cfg: DictConfig) -> dict:
     from taskmerge.models import llama
 
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    base = llama.load_llama(cfg.model.path)
+    base = llama.load_llama(cfg.model.path).to(config_device(cfg))
     splits, factors, heads = {}, [], {}
     limits = {"train": cfg.budget.max_train, "validation": cfg.budget.max_eval, "test": cfg.budget.max_test}
     for task in cfg.tasks.names:
@@ -209,12 +210,12 @@ def _search(cfg, pretrained, finetuned, evaluator, refs, checkpoints_id: str, ex
 
     def context(method):
         if method.inputs == "lora":
-            return {"lora": get("lora") if "lora" in extra_context else None}
-        return {k: get(k) for k in extra_context if k in method.context}
+            return {"lora": get("lora") if "lora" in extra_context else None, "device": config_device(cfg)}
+        return {"device": config_device(cfg), **{k: get(k) for k in extra_context if k in method.context}}
 
     ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, checkpoints=checkpoints_id,
                         seed=cfg.seed, method_context=context)
-    store = ResultStore(repo_path(cfg.paths.results) / f"{cfg.experiment}.csv")
+    store = ResultStore(repo_path(cfg.paths.results) / f"{cfg.experiment}.csv", experiment_identity(cfg))
     write_baselines(ctx, store)
     selected = {}
     for space in spaces_from_config(cfg.methods, cfg.search):
@@ -225,6 +226,9 @@ def _search(cfg, pretrained, finetuned, evaluator, refs, checkpoints_id: str, ex
 
 
 def run(cfg: DictConfig) -> dict:
+    from taskmerge.search.spaces import validate_spaces
+
+    validate_spaces(cfg)  # the whole search, before any download or fine-tuning
     if cfg.setting == "mats":
         return run_mats(cfg)
     if cfg.setting == "knots":

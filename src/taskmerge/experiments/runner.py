@@ -7,12 +7,13 @@ import time
 
 from omegaconf import DictConfig
 
+from taskmerge.devices import config_device
 from taskmerge.experiments.text_suite import TextEvaluator, TextSuite, repo_path
 from taskmerge.merging import Method, get_method
 from taskmerge.merging.selection import tensor_kinds
 from taskmerge.search.engine import Profile, SearchContext, search_method, write_baselines
-from taskmerge.search.spaces import spaces_from_config
-from taskmerge.search.store import ResultStore
+from taskmerge.search.spaces import spaces_from_config, validate_spaces
+from taskmerge.search.store import ResultStore, experiment_identity
 from taskmerge.train.checkpoints import load_metadata
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class MethodContext:
         self.suite, self.finetuned, self.profile, self._cache = suite, finetuned, profile, {}
 
     def __call__(self, method: Method) -> dict:
-        out = {}
+        out = {"device": config_device(self.suite.cfg)}
         if "kinds" in method.context:
             out["kinds"] = self._get("kinds", lambda: tensor_kinds(self.suite.encoder.state_dict(), self.suite.encoder))
         if "stats" in method.context:
@@ -82,11 +83,12 @@ def prepare(cfg: DictConfig) -> TextSuite:
 
 
 def run(cfg: DictConfig) -> dict:
+    validate_spaces(cfg)  # the whole search is checked before any fine-tuning or row
     t_start = time.perf_counter()
     suite = prepare(cfg)
     t_other = time.perf_counter()
     evaluator = TextEvaluator(suite)
-    pretrained = {k: v.detach().clone() for k, v in suite.encoder.state_dict().items()}
+    pretrained = {k: v.detach().to("cpu", copy=True) for k, v in suite.encoder.state_dict().items()}
     finetuned = suite.finetuned_states()
     pretrained_acc = suite.pretrained_accuracy(lambda task, split: evaluator.evaluate(pretrained, task, split))
     refs = {}
@@ -97,7 +99,7 @@ def run(cfg: DictConfig) -> dict:
     profile = Profile(prepare=time.perf_counter() - t_other)
     ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, suite.checkpoints_id(), cfg.seed,
                         method_context=MethodContext(suite, finetuned, profile), profile=profile)
-    store = ResultStore(results_csv(cfg))
+    store = ResultStore(results_csv(cfg), experiment_identity(cfg))
     write_baselines(ctx, store)
     selected = {}
     t_loop, before = time.perf_counter(), profile.merge + profile.evaluate + profile.prepare

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from taskmerge.data import text_suite as data
+from taskmerge.devices import config_device
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.models import text_encoder as family
 from taskmerge.provenance import file_hash, git_commit, package_versions, write_json_atomic
@@ -65,10 +66,11 @@ class TextSuite:
 
     # ---------------------------------------------------------------- data, model, heads
     def load(self) -> "TextSuite":
+        device = config_device(self.cfg)  # checked before anything is built or written
         b = self.cfg.budget
         suite_dir = data.build_suite(repo_path(self.cfg.paths.data), seed=self.cfg.data_seed)
         self.tokenizer = family.load_tokenizer(self.cfg.model.path)
-        self.encoder = family.load_encoder(self.cfg.model.path, self._tiny_config(), seed=self.cfg.seed)
+        self.encoder = family.load_encoder(self.cfg.model.path, self._tiny_config(), seed=self.cfg.seed).to(device)
         limits = {"train": b.max_train, "validation": b.max_eval, "test": b.max_test}
         for task in self.tasks:
             for split, limit in limits.items():

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from taskmerge.data import vision as vdata
+from taskmerge.devices import config_device
 from taskmerge.evaluate.joint import JointLabels, joint_topk
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments.text_suite import repo_path
@@ -58,10 +59,11 @@ class VisionSuite:
         return self.root / self.cfg.finetune.mode / task
 
     def load(self) -> "VisionSuite":
+        device = config_device(self.cfg)  # checked before anything is built or written
         m = self.cfg.model
         arch = m.arch if isinstance(m.arch, str) else OmegaConf.to_container(m.arch)
         self.family = ClipFamily.build(m.backend, arch, m.name, seed=self.cfg.seed, path=m.get("path"),
-                                       text_leftovers=m.get("text_leftovers", True))
+                                       text_leftovers=m.get("text_leftovers", True)).to(device)
         t = self.cfg.tasks
         for name in self.names:
             if t.source == "synthetic":
@@ -242,9 +244,10 @@ def references(suite: VisionSuite, evaluator, pretrained, finetuned) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     from taskmerge.search.engine import SearchContext, search_method, write_baselines
-    from taskmerge.search.spaces import spaces_from_config
-    from taskmerge.search.store import ResultStore
+    from taskmerge.search.spaces import spaces_from_config, validate_spaces
+    from taskmerge.search.store import ResultStore, experiment_identity
 
+    validate_spaces(cfg, lora_available=cfg.finetune.mode == "lora")  # the whole search, before any work
     t_start = time.perf_counter()
     suite = prepare(cfg)
     joint = cfg.setting.name == "joint"
@@ -254,8 +257,8 @@ def run(cfg: DictConfig) -> dict:
     refs = references(suite, evaluator, pretrained, finetuned)
     lora = suite.lora_factors() if cfg.finetune.mode == "lora" else None
     ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, suite.checkpoints_id(), cfg.seed,
-                        method_context=lambda m: {"lora": lora} if m.inputs == "lora" else {})
-    store = ResultStore(repo_path(cfg.paths.results) / f"{cfg.experiment}.csv")
+                        method_context=lambda m: {"device": config_device(cfg), **({"lora": lora} if m.inputs == "lora" else {})})
+    store = ResultStore(repo_path(cfg.paths.results) / f"{cfg.experiment}.csv", experiment_identity(cfg))
     write_baselines(ctx, store)
     selected = {}
     for space in spaces_from_config(cfg.methods, cfg.search):
