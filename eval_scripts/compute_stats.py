@@ -7,14 +7,12 @@ Writes checkpoints/<suite>/<model>/stats/<mode>/<task>/<split>_<fisher>_<N>.safe
 `<module>.gram_in`, `<module>.gram_out`, `<param>.fisher`); the search reuses them.
 Same as `taskmerge stats [overrides]`. Config: configs/suite.yaml (`stats:` block).
 """
-import hydra
 from omegaconf import DictConfig
 
-from taskmerge.cli_support import friendly_errors
+from taskmerge.cli_support import hydra_script
 
 
-@hydra.main(config_path="../configs", config_name="suite", version_base="1.3")
-@friendly_errors
+@hydra_script("../configs", "suite")
 def main(cfg: DictConfig) -> None:
     from taskmerge.experiments.text_suite import compute_statistics
 

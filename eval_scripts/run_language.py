@@ -8,14 +8,12 @@ Rows go to results/<experiment>.csv. See docs/language.md for targets and caveat
 """
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
-from taskmerge.cli_support import friendly_errors
+from taskmerge.cli_support import hydra_script
 
 
-@hydra.main(config_path="../configs", config_name="language_mats", version_base="1.3")
-@friendly_errors
+@hydra_script("../configs", "language_mats")
 def main(cfg: DictConfig) -> None:
     from taskmerge.experiments.language import run
 

@@ -9,14 +9,12 @@ Rows are appended to results/<experiment>.csv; re-running skips points already t
 Config: configs/suite.yaml (method grids in configs/method/).
 """
 import logging
-import hydra
 from omegaconf import DictConfig
 
-from taskmerge.cli_support import friendly_errors, print_outcome
+from taskmerge.cli_support import hydra_script, print_outcome
 
 
-@hydra.main(config_path="../configs", config_name="suite", version_base="1.3")
-@friendly_errors
+@hydra_script("../configs", "suite")
 def main(cfg: DictConfig) -> None:
     from taskmerge.experiments.runner import run
 

@@ -11,14 +11,12 @@ Config: configs/vision/ (docs/vision.md lists the command of every published set
 """
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
-from taskmerge.cli_support import friendly_errors, print_outcome
+from taskmerge.cli_support import hydra_script, print_outcome
 
 
-@hydra.main(config_path="../configs/vision", config_name="vision", version_base="1.3")
-@friendly_errors
+@hydra_script("../configs/vision", "vision")
 def main(cfg: DictConfig) -> None:
     from taskmerge.experiments.vision import run
 

@@ -8,14 +8,12 @@
 Writes checkpoints/<suite>/<model>/<mode>/<task>/ (weights or adapter/, head.safetensors, metadata.json).
 An existing checkpoint is reused unless force=true. Config: configs/suite.yaml.
 """
-import hydra
 from omegaconf import DictConfig
 
-from taskmerge.cli_support import friendly_errors
+from taskmerge.cli_support import hydra_script
 
 
-@hydra.main(config_path="../configs", config_name="suite", version_base="1.3")
-@friendly_errors
+@hydra_script("../configs", "suite")
 def main(cfg: DictConfig) -> None:
     from taskmerge.experiments.text_suite import TextSuite
 

@@ -11,14 +11,12 @@ Config: configs/vision/ (finetune/ holds the per-task epochs with their sources)
 """
 import logging
 
-import hydra
 from omegaconf import DictConfig
 
-from taskmerge.cli_support import friendly_errors
+from taskmerge.cli_support import hydra_script
 
 
-@hydra.main(config_path="../configs/vision", config_name="vision", version_base="1.3")
-@friendly_errors
+@hydra_script("../configs/vision", "vision")
 def main(cfg: DictConfig) -> None:
     from accelerate import Accelerator
 

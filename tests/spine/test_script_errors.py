@@ -129,3 +129,21 @@ def test_unexpected_errors_are_one_line_too(capsys, monkeypatch):
     monkeypatch.setenv("TASKMERGE_DEBUG", "1")
     with pytest.raises(TypeError):
         boom()
+
+
+def test_unquoted_pattern_is_one_line_with_the_quoting(tmp_path):
+    """The docs' old ``finetuned.pattern=/…/clip_{task}``: one line naming the override and the fix."""
+    res = script("eval_scripts/run_vision.py", "experiment=tiny_synthetic", f"paths.results={tmp_path}/res",
+                 f"finetuned.pattern={tmp_path}/clip_{{task}}")
+    line = assert_one_line_error(res, f"finetuned.pattern={tmp_path}/clip_{{task}}")
+    assert f"\"finetuned.pattern='{tmp_path}/clip_{{task}}'\"" in line and "mismatched input '{'" in line
+    assert not (tmp_path / "res").exists()
+
+
+def test_check_overrides_accepts_what_hydra_accepts():
+    from taskmerge.cli_support import check_overrides
+
+    check_overrides(["-m", "method=ties,tsv_m", "search.grid=[0.2,0.4]", "finetuned.pattern='/c/{task}'",
+                     "+experiment=all_methods", "hydra/launcher=joblib", "--config-name", "language_mats"])
+    with pytest.raises(ValueError, match=r"search\.grid=\[0\.2,"):
+        check_overrides(["search.grid=[0.2,"])

@@ -104,3 +104,12 @@ def test_every_shipped_config_validates(tmp_path):
     for name in ("language_mats", "language_knots"):
         with initialize_config_dir(str(CONFIGS), version_base="1.3"):
             assert validate_spaces(compose(name))
+
+
+def test_run_suite_script_refuses_a_bad_grid_in_one_line(tmp_path):
+    from tests.spine.test_script_errors import assert_one_line_error, script
+
+    res = script("eval_scripts/run_suite.py", *TINY, f"paths.checkpoints={tmp_path}/checkpoints",
+                 f"paths.results={tmp_path}/results", "method=[ties]", "+methods.ties.grid.k=[20,150]")
+    assert_one_line_error(res, "methods.ties", "k=150")
+    _nothing_written(tmp_path)

@@ -61,7 +61,7 @@ class JointLabels:
         out = torch.full((self.num_classes, d), float("nan"))
         filled = torch.zeros(self.num_classes, dtype=torch.bool)
         for t in self.tasks:
-            w, idx = weights[t], self.mapping[t]
+            w, idx = weights[t].cpu(), self.mapping[t]  # heads may sit on the script's device
             if w.shape[0] != len(idx):
                 raise ValueError(f"task {t}: head has {w.shape[0]} classes, the label map {len(idx)}")
             new = ~filled[idx]

@@ -171,7 +171,7 @@ def run_knots(cfg: DictConfig) -> dict:
         for split, limit in limits.items():
             splits[(task, split)] = nli.NLISplit(tok, nli.split_examples(task, split, cfg.seed, limit),
                                                  cfg.model.max_length)
-    pretrained = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    pretrained = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # CPU, as the files
     evaluator = LlamaEvaluator(copy.deepcopy(base), splits, heads)
     checkpoints = TaskCheckpoints(cfg)
 

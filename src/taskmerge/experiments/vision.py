@@ -175,7 +175,7 @@ def _save(path: Path, encoder, meta: dict) -> None:
     """model.safetensors (full) or adapter/ (lora), then metadata.json last, atomically."""
     def write(folder: Path) -> None:
         if meta["mode"] == "full":
-            save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
                       str(folder / "model.safetensors"))
         else:
             encoder.save_pretrained(str(folder / "adapter"))
