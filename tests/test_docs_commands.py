@@ -7,7 +7,7 @@ quotes kept, as unquoted shell expansion does). Then:
 - Hydra scripts (``training_scripts/*.py``, ``eval_scripts/*.py``, also behind ``accelerate launch`` or
   ``torchrun``): the overrides parse with Hydra's own parser and the config composes with them (group
   options exist, keys exist; a sweep composes with its first values);
-- ``taskmerge …``: the CLI's argparse accepts the arguments;
+- ``taskmerge …``: the CLI's argparse accepts the arguments (a bare ``taskmerge NAME`` in prose: NAME exists);
 - ``training_scripts/import_clip.py``: its argparse accepts them (the conversion is not run);
 - ``python -c``: the code compiles and every ``from M import N`` resolves; ``python -m M``: M exists;
 - a span of bare overrides (``key=value …``, e.g. ``finetuned.pattern=…`` in prose): Hydra parses it.
@@ -174,8 +174,14 @@ def _hydra_check(cmd: Command):
 def _cli_check(cmd: Command):
     from taskmerge.cli import build_parser
 
+    args = _classify(cmd.tokens)[2]
+    parser = build_parser()
+    if len(args) == 1:  # a subcommand named in prose (`taskmerge report refuses …`): it must exist
+        choices = next(a for a in parser._actions if a.dest == "command").choices
+        assert args[0] in choices, f"taskmerge has no subcommand {args[0]!r}"
+        return
     try:
-        build_parser().parse_args(_classify(cmd.tokens)[2])
+        parser.parse_args(args)
     except SystemExit as e:
         raise AssertionError(f"taskmerge's argparse refuses it (exit {e.code})") from None
 

@@ -71,6 +71,7 @@ def test_run_suite_refuses_to_append_to_another_experiment(tmp_path, suite_dir):
         run(suite_config(tmp_path, *TINY, "tasks.names=[sentiment_tweets]"))
     assert str(first["csv"]) in str(e.value) and "tasks.names" in str(e.value)
     assert first["csv"].read_bytes() == before
+    assert not list((tmp_path / "checkpoints").rglob("sentiment_tweets"))  # refused before fine-tuning it
     again = run(suite_config(tmp_path, *TINY, "tasks.names=[sentiment_movies]", "method=[task_arithmetic]",
                              "search.grid=[0.5]"))  # the same experiment, another method: appended
     assert set(pd.read_csv(again["csv"]).method) == {"pretrained", "finetuned", "average", "task_arithmetic"}

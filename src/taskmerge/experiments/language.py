@@ -228,7 +228,7 @@ def _search(cfg, pretrained, finetuned, evaluator, refs, checkpoints_id: str, ex
 def run(cfg: DictConfig) -> dict:
     from taskmerge.search.spaces import validate_spaces
 
-    validate_spaces(cfg)  # the whole search, before any download or fine-tuning
+    validate_spaces(cfg, results=repo_path(cfg.paths.results) / f"{cfg.experiment}.csv")  # before any work
     if cfg.setting == "mats":
         return run_mats(cfg)
     if cfg.setting == "knots":

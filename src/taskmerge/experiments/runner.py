@@ -83,7 +83,7 @@ def prepare(cfg: DictConfig) -> TextSuite:
 
 
 def run(cfg: DictConfig) -> dict:
-    validate_spaces(cfg)  # the whole search is checked before any fine-tuning or row
+    validate_spaces(cfg, results=results_csv(cfg))  # the whole search is checked before any fine-tuning or row
     t_start = time.perf_counter()
     suite = prepare(cfg)
     t_other = time.perf_counter()

@@ -247,7 +247,7 @@ def run(cfg: DictConfig) -> dict:
     from taskmerge.search.spaces import spaces_from_config, validate_spaces
     from taskmerge.search.store import ResultStore, experiment_identity
 
-    validate_spaces(cfg, lora_available=cfg.finetune.mode == "lora")  # the whole search, before any work
+    validate_spaces(cfg, cfg.finetune.mode == "lora", repo_path(cfg.paths.results) / f"{cfg.experiment}.csv")
     t_start = time.perf_counter()
     suite = prepare(cfg)
     joint = cfg.setting.name == "joint"

@@ -31,7 +31,7 @@ def spaces_from_config(methods: DictConfig, search: DictConfig) -> list[Space]:
     return spaces
 
 
-def validate_spaces(cfg: DictConfig, lora_available: bool | None = None) -> list[Space]:
+def validate_spaces(cfg: DictConfig, lora_available: bool | None = None, results=None) -> list[Space]:
     """Check a whole search before any work (fine-tuning, baselines, merging); return its spaces.
 
     Every configured method must exist; every grid point, the fixed hyperparameters included, must
@@ -39,7 +39,9 @@ def validate_spaces(cfg: DictConfig, lora_available: bool | None = None) -> list
     metrics, ``accept`` and ``orders`` must be known; the ``device`` must exist on this machine; and
     local paths the config names (``model.path``, ``finetuned.pattern`` for every task,
     ``finetuned.heads``) must exist. ``lora_available=False`` refuses methods that merge LoRA
-    factors. Each failure is one ``ValueError`` line naming the config key and the bad value.
+    factors. ``results`` (the CSV the run appends to) must not belong to another experiment
+    (``search.store.experiment_identity``). Each failure is one ``ValueError`` line naming the
+    config key, the bad value or the file.
     """
     from taskmerge.devices import config_device
     from taskmerge.merging.registry import get_method
@@ -81,6 +83,10 @@ def validate_spaces(cfg: DictConfig, lora_available: bool | None = None) -> list
             grid = f" (grid {space.grid})" if space.grid else ""
             raise ValueError(f"{where}: {e}{grid}") from None
     _check_paths(cfg)
+    if results is not None:
+        from taskmerge.search.store import check_identity, experiment_identity
+
+        check_identity(results, experiment_identity(cfg))
     return spaces
 
 

@@ -91,6 +91,15 @@ def _write_identity(csv_path: Path, identity: dict) -> None:
     write_json_atomic(identity_path(csv_path), identity)
 
 
+def check_identity(csv_path: str | Path, identity: dict) -> None:
+    """Refuse ``csv_path`` when it holds the rows of an experiment other than ``identity``'s."""
+    csv_path = Path(csv_path)
+    have = read_identity(csv_path) if csv_path.exists() else None
+    if have is not None and have.get("fingerprint") != identity["fingerprint"]:
+        raise ValueError(f"{csv_path} holds the results of another experiment ({describe_mismatch(have, identity)}); "
+                         f"write it elsewhere (suite=… or paths.results=…) or move the file away")
+
+
 class ResultStore:
     def __init__(self, path: str | Path, identity: dict | None = None):
         """``identity`` (:func:`experiment_identity`): refuse a CSV of another experiment, record it in a new one."""
@@ -106,10 +115,7 @@ class ResultStore:
         self._done = {self._key(r) for r in self.rows()}
 
     def _check_identity(self, identity: dict) -> None:
-        have = read_identity(self.path) if self.path.exists() else None
-        if have is not None and have.get("fingerprint") != identity["fingerprint"]:
-            raise ValueError(f"{self.path} holds the results of another experiment ({describe_mismatch(have, identity)}); "
-                             f"write it elsewhere (suite=… or paths.results=…) or move the file away")
+        check_identity(self.path, identity)
 
     @staticmethod
     def _key(row: dict) -> tuple:
