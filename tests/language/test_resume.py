@@ -138,17 +138,20 @@ def test_mats_rerun_reuses_checkpoints_and_statistics(tmp_path, offline, monkeyp
 def test_changed_config_raises_force_retrains_incomplete_retrains(tmp_path, offline):
     language.run(mats_cfg(tmp_path))
     assert offline["finetune"] == 2
+    with pytest.raises(ValueError, match=r"mats_t5_full\.csv holds the results of another experiment.*finetune\.lr"):
+        language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, force=True))  # refused before any retraining
+    other = {"results": str(tmp_path / "results_lr")}  # the new fine-tunes are another experiment: another CSV
     with pytest.raises(RuntimeError, match=r"ckpt/mats_t5_full/cosmos_qa.*force=true.*experiment"):
-        language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}))
+        language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, paths=other))
     assert offline["finetune"] == 2
-    out = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, force=True))
+    out = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, force=True, paths=other))
     assert offline["finetune"] == 4
     meta = json.loads((tmp_path / "ckpt/mats_t5_full/paws/metadata.json").read_text())
     assert meta["config"]["finetune"]["lr"] == 5e-3
     # a crash before metadata.json: that task alone is retrained, its stale statistics recomputed
     (tmp_path / "ckpt/mats_t5_full/paws/metadata.json").unlink()
     stats_before = offline["statistics"]
-    again = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}))
+    again = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, paths=other))
     assert offline["finetune"] == 5 and offline["statistics"] == stats_before + 1
     assert again["selected"] == out["selected"]  # the retrained task is bit-identical (seeded)
 

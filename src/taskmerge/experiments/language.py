@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from taskmerge.data import nli, p3
+from taskmerge.devices import config_device
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments import language_checkpoints as lc
 from taskmerge.experiments import runner
@@ -111,7 +112,7 @@ class LanguageAdapter(Adapter):
 
     def load(self) -> "LanguageAdapter":
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
-        self.base = self.load_base(self.cfg.model.path)
+        self.base = self.load_base(self.cfg.model.path).to(config_device(self.cfg))
         self.setup(self.cfg)
         return self
 
@@ -196,7 +197,7 @@ class LlamaKnots(LanguageAdapter):
         limits = {"train": cfg.budget.max_train, "validation": cfg.budget.max_eval, "test": cfg.budget.max_test}
         self.splits = {(t, s): nli.NLISplit(self.tokenizer, nli.split_examples(t, s, cfg.seed, n), cfg.model.max_length)
                        for t in self.tasks for s, n in limits.items()}
-        self._pretrained = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
+        self._pretrained = {k: v.detach().to("cpu", copy=True) for k, v in self.base.state_dict().items()}
         self.heads, self.factors = {}, {}
         self._evaluator = LlamaEvaluator(copy.deepcopy(self.base), self.splits, self.heads)
 

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from taskmerge.io.load import load_model
 from taskmerge.io.peft import load_lora_factors, read_adapter
+from taskmerge.io.tensors import load_safetensors
 
 HEAD, ADAPTER, FULL = "head.safetensors", "adapter", "model.safetensors"
 
@@ -56,7 +57,7 @@ def load_state(src: Path, template: Mapping[str, torch.Tensor]) -> dict[str, tor
     if adapter is not None:
         tensors, where = read_adapter(adapter)[1], adapter / "adapter_model.safetensors"
     elif (src / FULL).is_file():
-        tensors, where = load_file(str(src / FULL)), src / FULL
+        tensors, where = load_safetensors(src / FULL), src / FULL
     else:
         tensors, where = load_model(src), src
     by_name = {_bare(k): k for k in tensors}
@@ -84,7 +85,7 @@ def load_lora(src: Path, pretrained: Mapping[str, torch.Tensor]) -> tuple[dict, 
     factors = load_lora_factors(adapter, pretrained)
     for head_file in (src / HEAD, adapter / HEAD):
         if head_file.is_file():
-            return factors, {"weight": load_file(str(head_file))["weight"]}
+            return factors, {"weight": load_safetensors(head_file)["weight"]}
     tensors = read_adapter(adapter)[1]
     score = [k for k in tensors if _bare(k) == "score.weight"]
     if not score:

@@ -29,20 +29,20 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from taskmerge.cli_support import friendly_errors, print_outcome
+from taskmerge.cli_support import hydra_script, print_outcome
+from taskmerge.devices import config_device
 from taskmerge.merging import Method, get_method
 from taskmerge.merging.selection import tensor_kinds
 from taskmerge.report import write_report
 from taskmerge.search.common import Evaluator, Profile, SearchContext
 from taskmerge.search.engine import search_method, write_baselines
-from taskmerge.search.spaces import spaces_from_config
-from taskmerge.search.store import ResultStore
+from taskmerge.search.spaces import spaces_from_config, validate_spaces
+from taskmerge.search.store import ResultStore, experiment_identity
 from taskmerge.train.checkpoints import TaskCheckpoints
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class MethodContext:
         return None
 
     def __call__(self, method: Method) -> dict:
-        out = {"kinds": self._get("kinds", lambda: tensor_kinds(self.pretrained, self.adapter.model))}
+        out = {"kinds": self._get("kinds", lambda: tensor_kinds(self.pretrained, self.adapter.model)),
+               "device": config_device(self.adapter.cfg)}
         if "stats" in method.context:
             out["stats"] = self._get("stats", self._statistics)
         if method.inputs == "lora" or "lora" in method.context:
@@ -223,6 +224,7 @@ def references(evaluator: Evaluator, tasks: Sequence[str], pretrained: dict, fin
 def run(adapter: Adapter) -> dict:
     """Every configured method of the adapter's setting, end to end (see the module docstring)."""
     cfg = adapter.cfg
+    validate_spaces(cfg, "lora" in adapter.inputs, results_csv(cfg))  # the whole search, before any work
     t_start = time.perf_counter()
     prepare(adapter)
     checkpoints = adapter.checkpoints
@@ -231,7 +233,7 @@ def run(adapter: Adapter) -> dict:
     finetuned = [adapter.finetuned_state(t, checkpoints.source(t)) for t in adapter.tasks]
     evaluator = adapter.evaluator()
     ident = checkpoints.checkpoints_id(adapter.tasks, adapter.identity_extra())
-    store = ResultStore(results_csv(cfg))
+    store = ResultStore(results_csv(cfg), experiment_identity(cfg))
     refs = references(evaluator, adapter.tasks, pretrained, finetuned, store, ident, cfg.seed)
     profile = Profile(prepare=time.perf_counter() - t_other)
     context = MethodContext(adapter, pretrained, finetuned, profile)
@@ -283,8 +285,7 @@ def prepared(metas: dict[str, dict], adapter: Adapter) -> None:
 def script(config_name: str, main: Callable[[DictConfig], None]):
     """A Hydra app over ``configs/<config_name>.yaml`` that runs ``main(cfg)`` with one-line errors
     (the body of every script in ``training_scripts/`` and ``eval_scripts/``)."""
-    @hydra.main(config_path=str(REPO / "configs"), config_name=config_name, version_base="1.3")
-    @friendly_errors
+    @hydra_script(str(REPO / "configs"), config_name)
     @functools.wraps(main)
     def app(cfg: DictConfig) -> None:
         logging.getLogger("taskmerge").setLevel(logging.INFO)

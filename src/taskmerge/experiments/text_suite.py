@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from taskmerge.data import text_suite as data
+from taskmerge.devices import config_device
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments import runner
 from taskmerge.experiments.runner import REPO, Adapter, repo_path
@@ -65,10 +66,11 @@ class TextSuite(Adapter):
 
     # ---------------------------------------------------------------- data, model, heads
     def load(self) -> "TextSuite":
+        device = config_device(self.cfg)  # checked before anything is built or written
         b = self.cfg.budget
         suite_dir = data.build_suite(repo_path(self.cfg.paths.data), seed=self.cfg.data_seed)
         self.tokenizer = family.load_tokenizer(self.cfg.model.path)
-        self.encoder = family.load_encoder(self.cfg.model.path, self._tiny_config(), seed=self.cfg.seed)
+        self.encoder = family.load_encoder(self.cfg.model.path, self._tiny_config(), seed=self.cfg.seed).to(device)
         limits = {"train": b.max_train, "validation": b.max_eval, "test": b.max_test}
         for task in self.tasks:
             for split, limit in limits.items():
@@ -123,7 +125,7 @@ class TextSuite(Adapter):
         return self.encoder
 
     def pretrained_state(self) -> dict:
-        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.encoder.state_dict().items()}  # CPU, as files
 
     def finetuned_state(self, task: str, source: Path) -> dict:
         return ckpt.load_encoder_state(source, self.encoder)

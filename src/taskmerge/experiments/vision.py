@@ -18,13 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from taskmerge.data import vision as vdata
+from taskmerge.devices import config_device
 from taskmerge.evaluate.joint import JointLabels, joint_topk
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments import runner
 from taskmerge.experiments.runner import Adapter, repo_path
 from taskmerge.io.load import load_model
 from taskmerge.io.peft import load_lora_factors
-from taskmerge.models.clip import ClipFamily, ZeroShotHead, load_head
+from taskmerge.models.clip import ClipFamily, ZeroShotHead, align_vision_keys, load_head
 from taskmerge.provenance import write_json_atomic
 from taskmerge.train import checkpoints as ckpt
 from taskmerge.train.clip_finetune import ClipFinetuneConfig, finetune_clip
@@ -75,10 +76,11 @@ class VisionSuite(Adapter):
         return out
 
     def load(self) -> "VisionSuite":
+        device = config_device(self.cfg)  # checked before anything is built or written
         m = self.cfg.model
         arch = m.arch if isinstance(m.arch, str) else OmegaConf.to_container(m.arch)
         self.family = ClipFamily.build(m.backend, arch, m.name, seed=self.cfg.seed, path=m.get("path"),
-                                       text_leftovers=m.get("text_leftovers", True))
+                                       text_leftovers=m.get("text_leftovers", True)).to(device)
         t = self.cfg.tasks
         for name in self.tasks:
             if t.source == "synthetic":
@@ -136,7 +138,7 @@ class VisionSuite(Adapter):
         meta = {"suite": self.cfg.suite, "model": self.cfg.model.name, "steps": fc.steps, "final_loss": losses[-1],
                 **{f"{s}_accuracy": accuracy(model, self.data[task].splits[s], bs) for s in runner.SPLITS}}
         if fc.mode == "full":
-            save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
                       str(folder / "model.safetensors"))
         else:
             encoder.save_pretrained(str(folder / "adapter"))
@@ -154,7 +156,7 @@ class VisionSuite(Adapter):
         if not self.checkpoints.pattern:
             return ckpt.load_encoder_state(source, self.family.encoder)
         pretrained = self.family.encoder_state()
-        sd = load_model(source, pretrained=pretrained)
+        sd = align_vision_keys(load_model(source, pretrained=pretrained), pretrained)  # both HF layouts
         missing = [k for k in pretrained if k not in sd]
         if [k for k in missing if k.startswith(("visual.", "vision_model."))]:
             raise ValueError(f"{source}: lacks encoder tensors such as {missing[:3]}")

@@ -32,9 +32,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from taskmerge.io.tensors import load_safetensors
 from taskmerge.provenance import file_hash, git_commit, package_versions, write_json_atomic
 from taskmerge.stats import load_statistics, save_statistics
 
@@ -65,7 +66,7 @@ def save_head(head: nn.Linear, path: Path, labels: list[str]) -> None:
 def load_head(path: Path) -> nn.Linear:
     if not Path(path).exists():
         raise FileNotFoundError(f"no head at {path}")
-    sd = load_file(str(path))
+    sd = load_safetensors(path)
     head = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
     head.load_state_dict(sd)
     return head.requires_grad_(False)
@@ -122,7 +123,7 @@ def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Ten
     path = Path(path)
     mode = load_metadata(path)["mode"]
     if mode == "full":
-        sd = load_file(str(path / "model.safetensors"))
+        sd = load_safetensors(path / "model.safetensors")
         ref = pretrained.state_dict()
         return {k: sd[k] if k in sd else v.clone() for k, v in ref.items()}
     model = PeftModel.from_pretrained(copy.deepcopy(pretrained), str(path / "adapter"))
