@@ -2,7 +2,7 @@
 
 Order of work, so that bad input fails before anything heavy runs and nothing is written on
 error: resolve the method and its hyperparameters → check the output path (never an input) →
-load every input lazily (optionally cast, ``dtype``) → check the models agree (names, shapes,
+load every input lazily (integer buffers a fine-tune lacks taken from θ0; optionally cast, ``dtype``) → check the models agree (names, shapes,
 dtypes, finiteness) → stream the method's output to disk (``io.merge_writer``: every method
 streams, any input size) → for a folder output, copy θ0's config and tokenizer files so the
 folder loads with ``AutoModel.from_pretrained``.
