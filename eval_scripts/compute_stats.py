@@ -3,24 +3,20 @@
     python eval_scripts/compute_stats.py                         # every task, empirical Fisher, validation split
     python eval_scripts/compute_stats.py task=bbc_news stats.fisher=true stats.max_examples=500
 
-Writes checkpoints/<suite>/<model>/stats/<mode>/<task>/<split>_<fisher>_<N>.safetensors (keys
+Writes checkpoints/<suite>/<model>/<mode>/<task>/statistics-<split>_<fisher>_<N>.safetensors (keys
 `<module>.gram_in`, `<module>.gram_out`, `<param>.fisher`); the search reuses them.
 Same as `taskmerge stats [overrides]`. Config: configs/suite.yaml (`stats:` block).
 """
-import hydra
-from omegaconf import DictConfig
-
-from taskmerge.cli_support import friendly_errors
+from taskmerge.experiments.runner import script
+from taskmerge.experiments.text_suite import compute_statistics
 
 
-@hydra.main(config_path="../configs", config_name="suite", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    from taskmerge.experiments.text_suite import compute_statistics
-
+def main(cfg) -> None:
     for task, path in compute_statistics(cfg).items():
         print(f"{task:20s} {path}")
 
+
+main = script("suite", main)
 
 if __name__ == "__main__":
     main()

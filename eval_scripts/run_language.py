@@ -4,27 +4,13 @@
     python eval_scripts/run_language.py --config-name language_mats finetune.mode=ia3 finetune.lr=3e-3
     python eval_scripts/run_language.py --config-name language_knots                      # KnOTS, Llama-3-8B LoRA
 
-Rows go to results/<experiment>.csv. See docs/language.md for targets and caveats.
+Rows go to results/<experiment>.csv, with the table and plots beside it. See docs/language.md for
+targets and caveats. Config: configs/language_{mats,knots}.yaml (method grids in configs/method/).
 """
-import logging
+from taskmerge.experiments.language import run
+from taskmerge.experiments.runner import search_script
 
-import hydra
-from omegaconf import DictConfig
-
-from taskmerge.cli_support import friendly_errors
-
-
-@hydra.main(config_path="../configs", config_name="language_mats", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    from taskmerge.experiments.language import run
-
-    logging.basicConfig(level=logging.INFO)
-    out = run(cfg)
-    for method, best in out["selected"].items():
-        print(f"{method:16s} val {best['val']:.3f} test {best['test']:.3f} {best['hparams']}")
-    print(f"rows: {out['csv']}")
-
+main = search_script("language_mats", run)
 
 if __name__ == "__main__":
     main()

@@ -8,21 +8,10 @@
 Rows are appended to results/<experiment>.csv; re-running skips points already there.
 Config: configs/suite.yaml (method grids in configs/method/).
 """
-import logging
-import hydra
-from omegaconf import DictConfig
+from taskmerge.experiments.runner import search_script
+from taskmerge.experiments.text_suite import run
 
-from taskmerge.cli_support import friendly_errors, print_outcome
-
-
-@hydra.main(config_path="../configs", config_name="suite", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    from taskmerge.experiments.runner import run
-
-    logging.getLogger("taskmerge").setLevel(logging.INFO)
-    print_outcome(run(cfg))
-
+main = search_script("suite", run)
 
 if __name__ == "__main__":
     main()

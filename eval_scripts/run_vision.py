@@ -7,24 +7,12 @@
     python eval_scripts/run_vision.py experiment=knots setting=joint model.path=/hf/clip-vit-base-patch32
 
 Rows are appended to results/<experiment>.csv; re-running skips points already there.
-Config: configs/vision/ (docs/vision.md lists the command of every published setting).
+Config: configs/vision.yaml (docs/vision.md lists the command of every published setting).
 """
-import logging
+from taskmerge.experiments.runner import search_script
+from taskmerge.experiments.vision import run
 
-import hydra
-from omegaconf import DictConfig
-
-from taskmerge.cli_support import friendly_errors, print_outcome
-
-
-@hydra.main(config_path="../configs/vision", config_name="vision", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    from taskmerge.experiments.vision import run
-
-    logging.getLogger("taskmerge").setLevel(logging.INFO)
-    print_outcome(run(cfg))
-
+main = search_script("vision", run)
 
 if __name__ == "__main__":
     main()

@@ -8,26 +8,16 @@
 Writes checkpoints/<suite>/<model>/<mode>/<task>/ (weights or adapter/, head.safetensors, metadata.json).
 An existing checkpoint is reused unless force=true. Config: configs/suite.yaml.
 """
-import hydra
-from omegaconf import DictConfig
-
-from taskmerge.cli_support import friendly_errors
+from taskmerge.experiments.runner import prepare, prepared, script
+from taskmerge.experiments.text_suite import TextSuite
 
 
-@hydra.main(config_path="../configs", config_name="suite", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    from taskmerge.experiments.text_suite import TextSuite
+def main(cfg) -> None:
+    suite = TextSuite(cfg)
+    prepared(prepare(suite, [cfg.task] if cfg.task else None), suite)
 
-    suite = TextSuite(cfg).load()
-    tasks = [cfg.task] if cfg.task else suite.tasks
-    for task in tasks:
-        if task not in suite.tasks:
-            raise ValueError(f"task {task!r} is not in tasks={cfg.tasks.name} ({', '.join(suite.tasks)})")
-        meta = suite.finetune_task(task, force=cfg.force)
-        print(f"{task}: val {meta['validation_accuracy']:.3f}  test {meta['test_accuracy']:.3f}  "
-              f"-> {suite.checkpoint(task)}")
 
+main = script("suite", main)
 
 if __name__ == "__main__":
     main()

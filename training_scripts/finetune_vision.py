@@ -7,31 +7,21 @@
         experiment=knots model=vitb32_hf model.path=/hf/clip-vit-base-patch32           # DDP (or torchrun --nproc_per_node 8)
 
 Checkpoints: checkpoints/<suite>/<model>/<mode>/<task>/ (model.safetensors or adapter/, metadata.json last).
-Config: configs/vision/ (finetune/ holds the per-task epochs with their sources).
+Config: configs/vision.yaml (configs/finetune/ holds the per-task epochs with their sources).
 """
-import logging
+from accelerate import Accelerator
 
-import hydra
-from omegaconf import DictConfig
-
-from taskmerge.cli_support import friendly_errors
+from taskmerge.experiments.runner import prepare, prepared, script
+from taskmerge.experiments.vision import VisionSuite
 
 
-@hydra.main(config_path="../configs/vision", config_name="vision", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    from accelerate import Accelerator
-
-    from taskmerge.experiments.vision import VisionSuite
-
-    logging.getLogger("taskmerge").setLevel(logging.INFO)
+def main(cfg) -> None:
     accelerator = Accelerator()
-    suite = VisionSuite(cfg).load()
-    for task in [cfg.task] if cfg.task else suite.names:
-        meta = suite.finetune_task(task, accelerator if accelerator.num_processes > 1 else None, force=cfg.force)
-        if meta and accelerator.is_main_process:
-            print(f"{task:14s} val {meta['validation_accuracy']:.3f}  test {meta['test_accuracy']:.3f}  -> {suite.checkpoint(task)}")
+    suite = VisionSuite(cfg, accelerator if accelerator.num_processes > 1 else None)
+    prepared(prepare(suite, [cfg.task] if cfg.task else None), suite)
 
+
+main = script("vision", main)
 
 if __name__ == "__main__":
     main()

@@ -151,9 +151,10 @@ def _run_report(args) -> int:
     from pathlib import Path
 
     from taskmerge.report import write_report
-    from taskmerge.report.gather import gather
+    from taskmerge.report.gather import gather, one_experiment, result_files
 
     sources = [Path(c) for c in args.csv]
+    one_experiment(result_files(sources))  # never one table over two experiments
     if len(sources) == 1 and sources[0].is_file():
         csv, prefix = sources[0], args.output
     else:
@@ -177,13 +178,14 @@ def _add_results(sub) -> None:
 
 
 def _run_results(args) -> int:
-    from taskmerge.report.gather import gather
+    from taskmerge.report.gather import gather, write_gathered
     from taskmerge.report.tables import test_summary
 
-    df = gather(args.paths)
-    if args.output:
-        df.to_csv(args.output, index=False)
-        print(f"{len(df)} rows from {df['source'].nunique()} files -> {args.output}")
+    if args.output:  # refused when the output is an input (or would become one)
+        df, out = write_gathered(args.paths, args.output)
+        print(f"{len(df)} rows from {df['source'].nunique()} files -> {out}")
+    else:
+        df = gather(args.paths)
     for experiment, rows in df.groupby("experiment", sort=False):
         print(f"\n{experiment}  (test accuracy %, at the selected hyperparameters)")
         print(test_summary(rows)[["Avg. abs.", "Avg. norm."]].round(2).to_string())

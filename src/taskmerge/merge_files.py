@@ -2,7 +2,7 @@
 
 Order of work, so that bad input fails before anything heavy runs and nothing is written on
 error: resolve the method and its hyperparameters → check the output path (never an input) →
-load every input lazily (optionally cast, ``dtype``) → check the models agree (names, shapes,
+load every input lazily (integer buffers a fine-tune lacks taken from θ0; optionally cast, ``dtype``) → check the models agree (names, shapes,
 dtypes, finiteness) → stream the method's output to disk (``io.merge_writer``: every method
 streams, any input size) → for a folder output, copy θ0's config and tokenizer files so the
 folder loads with ``AutoModel.from_pretrained``.
@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from taskmerge.io import ModelFileError, load_lora_factors, load_model
+from taskmerge.io import ModelFileError, load_lora_factors, load_model, reconcile_buffers
 from taskmerge.io.peft import peft_module_names, save_lora_adapter
 from taskmerge.io.merge_writer import write_merged
 from taskmerge.merging import get_method
@@ -134,6 +134,8 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
     if (Path(pretrained_path) / "adapter_config.json").is_file():
         raise ModelFileError(f"{pretrained_path}: the pretrained model cannot be a peft adapter")
     finetuned = [load_model(p, trust_pickle=trust_pickle, pretrained=pretrained) for p in finetuned_paths]
+    # integer buffers transformers does not save (position_ids) are taken from θ0, extra ones ignored
+    finetuned = reconcile_buffers(pretrained, finetuned, names=[str(p) for p in finetuned_paths])
     if dtype is not None:
         pretrained, finetuned = Cast(pretrained, DTYPES[dtype]), [Cast(f, DTYPES[dtype]) for f in finetuned]
     check_models(pretrained, finetuned, names=[str(p) for p in finetuned_paths])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from taskmerge.data import nli, p3
@@ -56,31 +57,33 @@ def offline(monkeypatch):
     return calls
 
 
+def compose_setting(name, methods):
+    """configs/<name>.yaml as the script composes it (methods from configs/method/), editable."""
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose(name, overrides=[f"method=[{','.join(methods)}]"])
+    OmegaConf.set_struct(cfg, False)
+    return cfg
+
+
 def mats_cfg(tmp_path, mode="full", **over):
-    cfg = OmegaConf.load(CONFIGS / "language_mats.yaml")
-    cfg.pop("hydra")  # Hydra's own section (its resolvers exist only under Hydra)
+    cfg = compose_setting("language_mats", ["task_arithmetic", "fisher"])
     cfg.merge_with({
         "finetune": {"mode": mode, "batch_size": 3, "lr": 1e-2}, "tasks": {"names": TASKS},
         "model": {"max_source": 24, "max_target": 8}, "budget": {"max_eval": 6}, "stats": {"max_examples": 3},
         "paths": {"results": str(tmp_path / "results"), "checkpoints": str(tmp_path / "ckpt")},
-        "methods": {"task_arithmetic": {"name": "task_arithmetic", "grid": {"scaling": [0.3, 0.6]}},
-                    "fisher": {"name": "fisher"}}})
-    cfg.methods = {k: v for k, v in cfg.methods.items() if k in ("task_arithmetic", "fisher")}
+        "report": False, "methods": {"task_arithmetic": {"grid": {"scaling": [0.3, 0.6]}}}})
     cfg.merge_with(over)
     return cfg
 
 
 def knots_cfg(tmp_path, **over):
-    cfg = OmegaConf.load(CONFIGS / "language_knots.yaml")
-    cfg.pop("hydra")
+    cfg = compose_setting("language_knots", ["lora_ta", "knots_ties"])
     cfg.merge_with({
         "finetune": {"batch_size": 3, "lr": 1e-2, "lora": {"r": 4, "lora_alpha": 4}},
-        "tasks": {"names": ["rte", "snli"]}, "model": {"max_length": 32},
-        "paths": {"results": str(tmp_path / "results"), "checkpoints": str(tmp_path / "ckpt")}})
-    cfg.methods = {"ta": {"name": "lora_merge", "params": {"inner": "task_arithmetic", "merge": "sum"},
-                          "grid": {"scaling": [0.5, 1.0]}},
-                   "knots_ties": {"name": "knots", "params": {"inner": "ties", "k": 50, "merge": "mean"},
-                                  "grid": {"scaling": [0.5]}}}
+        "tasks": {"names": ["rte", "snli"]}, "model": {"max_length": 32}, "report": False,
+        "paths": {"results": str(tmp_path / "results"), "checkpoints": str(tmp_path / "ckpt")},
+        "methods": {"lora_ta": {"grid": {"scaling": [0.5, 1.0]}},
+                             "knots_ties": {"params": {"k": 50}, "grid": {"scaling": [0.5]}}}})
     cfg.merge_with(over)
     return cfg
 
@@ -109,7 +112,7 @@ def test_mats_rerun_reuses_checkpoints_and_statistics(tmp_path, offline, monkeyp
     assert offline == {"finetune": 2, "statistics": 2}
     folder = tmp_path / "ckpt" / f"mats_t5_{mode}" / "paws"
     assert (folder / ("model.safetensors" if mode == "full" else "adapter/adapter_config.json")).is_file()
-    assert (folder / "statistics.safetensors").is_file()
+    assert (folder / "statistics-train_3.safetensors").is_file()
     meta = json.loads((folder / "metadata.json").read_text())
     assert len(meta["fingerprint"]) == 16 and meta["train_seconds"] >= 0 and 0 <= meta["validation_accuracy"] <= 1
     trained = t5.trainable_state(offline.trained[1])  # paws, as it was in memory after training
@@ -135,36 +138,41 @@ def test_mats_rerun_reuses_checkpoints_and_statistics(tmp_path, offline, monkeyp
 def test_changed_config_raises_force_retrains_incomplete_retrains(tmp_path, offline):
     language.run(mats_cfg(tmp_path))
     assert offline["finetune"] == 2
+    with pytest.raises(ValueError, match=r"mats_t5_full\.csv holds the results of another experiment.*finetune\.lr"):
+        language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, force=True))  # refused before any retraining
+    other = {"results": str(tmp_path / "results_lr")}  # the new fine-tunes are another experiment: another CSV
     with pytest.raises(RuntimeError, match=r"ckpt/mats_t5_full/cosmos_qa.*force=true.*experiment"):
-        language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}))
+        language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, paths=other))
     assert offline["finetune"] == 2
-    out = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, force=True))
+    out = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, force=True, paths=other))
     assert offline["finetune"] == 4
     meta = json.loads((tmp_path / "ckpt/mats_t5_full/paws/metadata.json").read_text())
     assert meta["config"]["finetune"]["lr"] == 5e-3
     # a crash before metadata.json: that task alone is retrained, its stale statistics recomputed
     (tmp_path / "ckpt/mats_t5_full/paws/metadata.json").unlink()
     stats_before = offline["statistics"]
-    again = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}))
+    again = language.run(mats_cfg(tmp_path, finetune={"lr": 5e-3}, paths=other))
     assert offline["finetune"] == 5 and offline["statistics"] == stats_before + 1
     assert again["selected"] == out["selected"]  # the retrained task is bit-identical (seeded)
 
 
 def test_checkpoints_id_follows_the_files(tmp_path, offline):
-    from taskmerge.experiments.language_checkpoints import TaskCheckpoints
-
     cfg = mats_cfg(tmp_path, "ia3")
     first = language.run(cfg)["checkpoints"]
-    ckpts = TaskCheckpoints(cfg)
-    assert ckpts.checkpoints_id(TASKS, "stats.max_examples=3") == first
+
+    def ident(c):
+        a = language.T5Mats(c)
+        return a.checkpoints.checkpoints_id(TASKS, a.identity_extra())
+
+    assert ident(cfg) == first
     adapter = tmp_path / "ckpt/mats_t5_ia3/paws/adapter/adapter_model.safetensors"
-    (tmp_path / "ckpt/mats_t5_ia3/paws/statistics.safetensors").unlink()  # not part of the identity
-    assert TaskCheckpoints(cfg).checkpoints_id(TASKS, "stats.max_examples=3") == first
+    (tmp_path / "ckpt/mats_t5_ia3/paws/statistics-train_3.safetensors").unlink()  # not part of the identity
+    assert ident(cfg) == first
     data = bytearray(adapter.read_bytes())
     data[-1] ^= 1
     adapter.write_bytes(bytes(data))
-    assert TaskCheckpoints(cfg).checkpoints_id(TASKS, "stats.max_examples=3") != first
-    assert TaskCheckpoints(cfg).checkpoints_id(TASKS, "stats.max_examples=4") != first
+    assert ident(cfg) != first
+    assert ident(mats_cfg(tmp_path, "ia3", stats={"max_examples": 4})) != first
 
 
 def test_knots_rerun_reuses_adapters_and_heads(tmp_path, offline, monkeypatch):

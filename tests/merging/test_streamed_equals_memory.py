@@ -54,6 +54,15 @@ def adapters(base, seed, rank=2):
             for name, (out, inp) in LINEARS.items() if name != "l.2"}
 
 
+def layer_stats_from(stats):
+    """A RegMean++ ``layer_stats`` callback over fixed Grams, task t's scaled by 1 + t + a number drawn from the
+    merged tensors it is handed, so that the merge depends on what each consumer hands on."""
+    def callback(block, merged):
+        shift = sum(float(v.double().abs().sum()) for v in merged.values()) % 1
+        return [{k: v * (1 + t + shift) for k, v in s.items()} for t, s in enumerate(stats)]
+    return callback
+
+
 def write(state, folder):
     with ShardedWriter(folder, specs_of(state), max_shard_bytes=300) as w:
         for k in reversed(list(state)):
@@ -66,7 +75,15 @@ CASES = [(name, {}) for name in sorted(METHODS) if name != "mats"] + \
     [("mats", {"objective": o, "iterations": 30}) for o in ("average", "diagonal_fisher", "regmean",
                                                              "blockwise_fisher")] + \
     [("ties", {"trim_scope": "per_tensor", "trim_count": "exact"}), ("dare", {"base": "task_arithmetic"}),
-     ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True})]
+     ("knots", {"inner": "dare_ties", "k": 100}), ("tall_mask", {"use_ties": True}),
+     ("iso_cts", {"common_space_fraction": 1.0}), ("cart", {"svd_scope": "all_2d", "rank_fraction": 0.5}),
+     ("model_stock", {"average": "angle", "filter_wise": True}), ("breadcrumbs", {"scope": "row"}),
+     ("della", {"elect": False, "epsilon": 0.0, "rescale": "l1"}),
+     ("lines", {"base": "consensus", "base_params": "use_ties=true", "beta": 1.0}),
+     ("emr", {"rescale": "flat_mean"}), ("wudi", {"others": "average", "iterations": 20}),
+     ("core_space", {"inner": "ties", "inner_params": "k=50"}), ("core_space", {"inner": "task_arithmetic"}),
+     ("core_space", {"inner": "iso_c"}), ("core_space", {"inner": "cart"}),
+     ("regmean_plusplus", {"after_blocks": "average"})]
 # where a reduction order changes between the two consumers, the tolerance is stated here (relative)
 TOLERANCE: dict[str, float] = {}
 
@@ -80,6 +97,8 @@ def test_streamed_equals_in_memory(tmp_path, name, hp, dtype):
     context = {"kinds": None}
     if "stats" in method.context:
         context["stats"] = [statistics(base, s) for s in (1, 2, 3)]
+    if "layer_stats" in method.context:
+        context["layer_stats"] = layer_stats_from([statistics(base, s) for s in (1, 2, 3)])
     if method.inputs == "lora":
         context["lora"] = [adapters(base, s) for s in (1, 2, 3)]
     want = method(base, fts, hp, **context)

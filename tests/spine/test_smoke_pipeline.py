@@ -1,7 +1,7 @@
 """The real pipeline (real MiniLM, real data) end to end on a tiny budget."""
 import pandas as pd
 
-from taskmerge.experiments.runner import run
+from taskmerge.experiments.text_suite import run
 from taskmerge.search.store import COLUMNS
 
 from .helpers import suite_config

@@ -45,7 +45,7 @@ def test_one_finetuning_step_changes_only_trainable_weights(backend, mode, tmp_p
 def _cfg(tmp_path, *overrides):
     base = [f"paths.checkpoints={tmp_path}/ck", f"paths.results={tmp_path}/res", "report=false",
             "tasks.train=64", "tasks.validation=32", "tasks.test=32", "finetune.steps=3"]
-    with initialize_config_dir(str(CONFIGS / "vision"), version_base="1.3"):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return compose("vision", overrides=base + list(overrides))
 
 

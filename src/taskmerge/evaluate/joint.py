@@ -61,7 +61,7 @@ class JointLabels:
         out = torch.full((self.num_classes, d), float("nan"))
         filled = torch.zeros(self.num_classes, dtype=torch.bool)
         for t in self.tasks:
-            w, idx = weights[t], self.mapping[t]
+            w, idx = weights[t].cpu(), self.mapping[t]  # heads may sit on the script's device
             if w.shape[0] != len(idx):
                 raise ValueError(f"task {t}: head has {w.shape[0]} classes, the label map {len(idx)}")
             new = ~filled[idx]
@@ -85,13 +85,16 @@ def joint_topk(model: torch.nn.Module, splits: Mapping[str, Split], labels: Join
 
     ``model(images) -> joint logits`` (the encoder under the joint head).
     """
+    from taskmerge.devices import module_device
+
     model.eval()
+    device = module_device(model)
     total, hits = 0, dict.fromkeys(ks, 0)
     out = {}
     for task, split in splits.items():
         n, task_hits = 0, dict.fromkeys(ks, 0)
         for images, y in split.batches(batch_size):
-            c = topk_correct(model(images), labels.to_joint(task, y), ks)
+            c = topk_correct(model(images.to(device)).cpu(), labels.to_joint(task, y), ks)
             for k in ks:
                 task_hits[k] += c[k]
             n += len(y)

@@ -10,6 +10,7 @@ from typing import Iterator, Protocol
 
 import torch
 
+from taskmerge.devices import module_device, to_device
 
 
 class Split(Protocol):
@@ -22,9 +23,10 @@ class Split(Protocol):
 def accuracy(model: torch.nn.Module, data: Split, batch_size: int = 64) -> float:
     """Top-1 accuracy of ``model(*inputs)`` over the split."""
     model.eval()
+    device = module_device(model)  # inputs go where the model is
     correct = 0
     for *inputs, labels in data.batches(batch_size):
-        correct += (model(*inputs).argmax(-1) == labels).sum().item()
+        correct += (model(*to_device(inputs, device)).argmax(-1).cpu() == labels.cpu()).sum().item()
     return correct / max(len(data), 1)
 
 

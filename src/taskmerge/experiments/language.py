@@ -1,15 +1,18 @@
-"""The papers' language settings, wired to the spine (fine-tuning loop, search engine, CSV store).
+"""The papers' language settings as adapters of the one runner (``experiments.runner``).
 
-- ``mats``: T5 (full or IA3) on the P3 eight-QA mixture (``data.p3``); rank-classification accuracy
-  (exact match for ROPES); statistics per task with MaTS masks (``models.t5.statistics``); methods
-  over the trainable state (full: tied embeddings merged once and re-tied; IA3: vectors, θ0 = 1).
-- ``knots``: Llama-3-8B + LoRA on six NLI tasks (``data.nli``), class-masked logits, per-task heads;
-  LoRA methods receive the factors (``lora`` context), state-dict methods the dense W0 + ΔW_t.
+- ``mats`` (:class:`T5Mats`): T5 (full or IA3) on the P3 eight-QA mixture (``data.p3``);
+  rank-classification accuracy (exact match for ROPES); statistics per task with MaTS masks
+  (``models.t5.statistics``); methods over the trainable state (full: tied embeddings merged once and
+  re-tied; IA3: vectors, θ0 = 1).
+- ``knots`` (:class:`LlamaKnots`): Llama-3-8B + LoRA on six NLI tasks (``data.nli``), class-masked
+  logits, per-task heads; LoRA methods receive the factors (``lora`` context), state-dict methods the
+  dense W0 + ΔW_t.
 
 Each task is fine-tuned once: its checkpoint (and T5's statistics) is saved under
 ``<paths.checkpoints>/<experiment>/<task>/`` and reused by later runs while the config fingerprint
-matches (``experiments.language_checkpoints``); ``finetuned.pattern`` imports checkpoints instead.
-CSV rows carry a hash of the checkpoint files, so a re-run resumes the search where it stopped.
+matches (``train.checkpoints.TaskCheckpoints``; the files: ``experiments.language_checkpoints``);
+``finetuned.pattern`` imports checkpoints instead. CSV rows carry a hash of the checkpoint files, so
+a re-run resumes the search where it stopped.
 
 Driven by ``configs/language_{mats,knots}.yaml`` through ``eval_scripts/run_language.py``;
 see ``docs/language.md``. Loading data and checkpoints needs network or a filled HF cache; the
@@ -19,39 +22,35 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
-import time
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from taskmerge.data import nli, p3
+from taskmerge.devices import config_device
 from taskmerge.evaluate.metrics import accuracy
 from taskmerge.experiments import language_checkpoints as lc
-from taskmerge.experiments.language_checkpoints import TaskCheckpoints
-from taskmerge.experiments.text_suite import repo_path
-from taskmerge.search.engine import SearchContext, search_method, write_baselines
-from taskmerge.search.spaces import spaces_from_config
-from taskmerge.search.store import ResultStore
+from taskmerge.experiments import runner
+from taskmerge.experiments.runner import Adapter, repo_path
+from taskmerge.io.peft import AdapterStateDict
+from taskmerge.models import llama, t5
 from taskmerge.stats.keys import split_key
+from taskmerge.train.checkpoints import TaskCheckpoints
 from taskmerge.train.finetune import FinetuneConfig, finetune
 
-log = logging.getLogger(__name__)
 
 
 class T5Evaluator:
     """``evaluate(state, task, split)`` for the MaTS setting (``state``: merged trainable tensors)."""
 
     def __init__(self, model, splits: dict, tokenizer, mode: str, aliases: dict, batch_size: int = 16):
-        from taskmerge.models import t5
-
         self.t5, self.model, self.splits, self.tokenizer = t5, model, splits, tokenizer
         self.mode, self.aliases, self.batch_size = mode, aliases, batch_size
         self.tasks = sorted({t for t, _ in splits})
         self._loaded = None
 
     def evaluate(self, state, task: str, split: str) -> float:
-        from taskmerge.data.p3 import exact_match
-
         if state is not self._loaded:
             if self.mode == "full":
                 self.model.load_state_dict(self.t5.retie(state, self.aliases))
@@ -61,28 +60,24 @@ class T5Evaluator:
         data = self.splits[(task, split)]
         if data.multiple_choice:
             return accuracy(self.t5.T5RankClassifier(self.model), data.choices(), self.batch_size)
-        return exact_match(self.model, data, self.tokenizer, self.batch_size)
+        return p3.exact_match(self.model, data, self.tokenizer, self.batch_size)
 
 
 class LlamaEvaluator:
     """``evaluate(state, task, split)`` for the KnOTS setting: merged base weights, the task's own head."""
 
     def __init__(self, model, splits: dict, heads: dict, batch_size: int = 8):
-        from taskmerge.data.nli import CLASSES
-
         self.model, self.splits, self.heads, self.batch_size = model, splits, heads, batch_size
-        self.classes = CLASSES
+        self.classes = nli.CLASSES
         self.tasks = sorted({t for t, _ in splits})
         self._loaded = None
 
     def evaluate(self, state, task: str, split: str) -> float:
-        from taskmerge.models.llama import MaskedClassifier
-
         if state is not self._loaded:
             self.model.load_state_dict(state, strict=False)
             self._loaded = state
         self.model.score.load_state_dict(self.heads[task])
-        return accuracy(MaskedClassifier(self.model, self.classes[task]), self.splits[(task, split)], self.batch_size)
+        return accuracy(llama.MaskedClassifier(self.model, self.classes[task]), self.splits[(task, split)], self.batch_size)
 
 
 def _finetune_config(cfg: DictConfig) -> FinetuneConfig:
@@ -90,143 +85,146 @@ def _finetune_config(cfg: DictConfig) -> FinetuneConfig:
                           lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay, seed=cfg.seed)
 
 
-def run_mats(cfg: DictConfig) -> dict:
-    """Fine-tune (or reuse) T5 per P3 task, cache statistics, search every configured method."""
-    from transformers import AutoTokenizer
+class LanguageAdapter(Adapter):
+    """What both language settings share: the task list, ``<checkpoints>/<experiment>/<task>/``
+    fingerprinted by the setting, fine-tuning, model, task, budget, seed and mode, and the base model."""
 
-    from taskmerge.data import p3
-    from taskmerge.models import t5
+    base = None
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    base = t5.load_t5(cfg.model.path)
-    aliases = t5.tied_aliases(base)
-    mode = cfg.finetune.mode
-    splits = {}
-    for task in cfg.tasks.names:
-        for split, limit in (("train", cfg.budget.max_train), ("validation", cfg.budget.max_eval)):
-            splits[(task, split)] = p3.Seq2SeqData(tok, p3.load_task(task, split, limit), cfg.model.max_source,
-                                                   cfg.model.max_target)
-        splits[(task, "test")] = splits[(task, "validation")]  # P3 test labels are hidden (see data/p3.py)
-    pretrained = t5.trainable_state(t5.wrap(copy.deepcopy(base), mode))
-    pretrained = t5.drop_aliases(pretrained, aliases) if mode == "full" else t5.ia3_pretrained(pretrained)
-    evaluator = T5Evaluator(t5.wrap(copy.deepcopy(base), mode), splits, tok, mode, aliases)
-    checkpoints = TaskCheckpoints(cfg)
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.cfg.tasks.names)
 
-    def train(task, folder):
-        model = t5.wrap(copy.deepcopy(base), mode)
-        t0 = time.perf_counter()
-        losses = finetune(t5.T5TargetLM(model), splits[(task, "train")].train(), _finetune_config(cfg))
-        seconds = time.perf_counter() - t0
+    @functools.cached_property
+    def checkpoints(self) -> TaskCheckpoints:
+        c = self.cfg
+
+        def parts(task: str) -> dict:
+            plain = functools.partial(OmegaConf.to_container, resolve=True)
+            return {"setting": c.setting, "finetune": plain(c.finetune), "model": plain(c.model), "task": task,
+                    "budget": plain(c.budget), "seed": c.seed, "mode": c.finetune.mode}
+
+        return self.make_checkpoints(repo_path(c.paths.get("checkpoints", "checkpoints")) / c.experiment, parts)
+
+    @property
+    def model(self):
+        return self.base
+
+    def load(self) -> "LanguageAdapter":
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.path)
+        self.base = self.load_base(self.cfg.model.path).to(config_device(self.cfg))
+        self.setup(self.cfg)
+        return self
+
+    def load_base(self, path: str):
+        raise NotImplementedError
+
+    def setup(self, cfg: DictConfig) -> None:
+        """Data, the merge's pretrained state and the evaluator, once ``tokenizer`` and ``base`` exist."""
+        raise NotImplementedError
+
+    def pretrained_state(self) -> dict:
+        return self._pretrained
+
+    def evaluator(self):
+        return self._evaluator
+
+
+class T5Mats(LanguageAdapter):
+    """T5 (full fine-tuning or IA3) on P3; methods merge the trainable state; statistics for MaTS/Fisher/RegMean."""
+
+    inputs = frozenset({"kinds", "stats"})
+
+    def load_base(self, path: str):
+        return t5.load_t5(path)
+
+    def setup(self, cfg: DictConfig) -> None:
+        self.aliases, self.mode = t5.tied_aliases(self.base), cfg.finetune.mode
+        self.splits = {}
+        for task in self.tasks:
+            for split, limit in (("train", cfg.budget.max_train), ("validation", cfg.budget.max_eval)):
+                self.splits[(task, split)] = p3.Seq2SeqData(self.tokenizer, p3.load_task(task, split, limit),
+                                                            cfg.model.max_source, cfg.model.max_target)
+            self.splits[(task, "test")] = self.splits[(task, "validation")]  # P3 test labels are hidden (data/p3.py)
+        pretrained = t5.trainable_state(self._wrapped())
+        self._pretrained = (t5.drop_aliases(pretrained, self.aliases) if self.mode == "full"
+                            else t5.ia3_pretrained(pretrained))
+        self._evaluator = T5Evaluator(self._wrapped(), self.splits, self.tokenizer, self.mode, self.aliases)
+
+    def _wrapped(self, state: dict | None = None):
+        model = t5.wrap(copy.deepcopy(self.base), self.mode)
+        if state is not None and self.mode == "full":
+            model.load_state_dict(t5.retie(state, self.aliases))
+        elif state is not None:
+            t5.load_trainable(model, state)
+        return model
+
+    def train(self, task: str, folder: Path) -> dict:
+        model = self._wrapped()
+        losses = finetune(t5.T5TargetLM(model), self.splits[(task, "train")].train(), _finetune_config(self.cfg))
         state = t5.trainable_state(model)
-        if mode == "full":
-            state = t5.drop_aliases(state, aliases)
+        if self.mode == "full":
+            state = t5.drop_aliases(state, self.aliases)
             lc.save_full(folder, state)
         else:
             model.save_pretrained(str(folder / lc.ADAPTER))
-        return {"train_seconds": round(seconds, 1), "final_loss": losses[-1],
-                "validation_accuracy": evaluator.evaluate(state, task, "validation")}
+        return {"final_loss": losses[-1], "validation_accuracy": self._evaluator.evaluate(state, task, "validation")}
 
-    states = []
-    for task in cfg.tasks.names:
-        checkpoints.ensure(task, functools.partial(train, task))
-        states.append(lc.load_state(checkpoints.source(task), pretrained))
+    def finetuned_state(self, task: str, source: Path) -> dict:
+        return lc.load_state(source, self._pretrained)
 
-    def task_statistics(i, task):
-        model = t5.wrap(copy.deepcopy(base), mode)
-        if mode == "full":
-            model.load_state_dict(t5.retie(states[i], aliases))
-        else:
-            t5.load_trainable(model, states[i])
-        stats, meta = t5.statistics(model, splits[(task, "train")].train().stats_batches(1),
-                                    max_examples=cfg.stats.max_examples)
+    def statistics_settings(self) -> tuple[str, dict]:
+        n = int(self.cfg.stats.max_examples)
+        return f"train_{n}", {"max_examples": n}
+
+    def statistics(self, task: str, state: dict) -> tuple[dict, dict]:
+        stats, meta = t5.statistics(self._wrapped(state), self.splits[(task, "train")].train().stats_batches(1),
+                                    max_examples=self.cfg.stats.max_examples)
         # a tied alias (lm_head under transformers >= 5) is merged through its canonical tensor, so the
         # merge state has no such key: its Grams describe no tensor the methods see
-        return {k: v for k, v in stats.items() if split_key(k)[0] not in aliases}, meta
-
-    def stats():  # only when a configured method needs them (MaTS, Fisher, RegMean)
-        return [checkpoints.statistics(t, functools.partial(task_statistics, i, t))
-                for i, t in enumerate(tqdm(cfg.tasks.names, desc="statistics", leave=False))]
-
-    refs = {(t, s): (evaluator.evaluate(states[i], t, s), evaluator.evaluate(pretrained, t, s))
-            for i, t in enumerate(cfg.tasks.names) for s in ("validation", "test")}
-    # the statistics budget is part of the identity: rows of statistics-based merges depend on it
-    ident = checkpoints.checkpoints_id(cfg.tasks.names, extra=f"stats.max_examples={cfg.stats.max_examples}")
-    return _search(cfg, pretrained, states, evaluator, refs, ident, {"stats": stats})
+        return {k: v for k, v in stats.items() if split_key(k)[0] not in self.aliases}, meta
 
 
-def run_knots(cfg: DictConfig) -> dict:
-    """Fine-tune (or reuse) Llama LoRA per NLI task, then search the configured methods."""
-    from transformers import AutoTokenizer
+class LlamaKnots(LanguageAdapter):
+    """Llama + LoRA on NLI with per-task heads: LoRA methods get the factors, others the dense W0 + ΔW_t."""
 
-    from taskmerge.data import nli
-    from taskmerge.io.peft import AdapterStateDict
-    from taskmerge.models import llama
+    inputs = frozenset({"kinds", "lora"})
 
-    tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    base = llama.load_llama(cfg.model.path)
-    splits, factors, heads = {}, [], {}
-    limits = {"train": cfg.budget.max_train, "validation": cfg.budget.max_eval, "test": cfg.budget.max_test}
-    for task in cfg.tasks.names:
-        for split, limit in limits.items():
-            splits[(task, split)] = nli.NLISplit(tok, nli.split_examples(task, split, cfg.seed, limit),
-                                                 cfg.model.max_length)
-    pretrained = {k: v.detach().clone() for k, v in base.state_dict().items()}
-    evaluator = LlamaEvaluator(copy.deepcopy(base), splits, heads)
-    checkpoints = TaskCheckpoints(cfg)
+    def load_base(self, path: str):
+        return llama.load_llama(path)
 
-    def train(task, folder):
-        model = llama.wrap_lora(copy.deepcopy(base), OmegaConf.to_container(cfg.finetune.lora, resolve=True))
-        t0 = time.perf_counter()
-        losses = finetune(llama.MaskedClassifier(model, nli.CLASSES[task]), splits[(task, "train")],
-                          _finetune_config(cfg))
-        seconds = time.perf_counter() - t0
+    def setup(self, cfg: DictConfig) -> None:
+        limits = {"train": cfg.budget.max_train, "validation": cfg.budget.max_eval, "test": cfg.budget.max_test}
+        self.splits = {(t, s): nli.NLISplit(self.tokenizer, nli.split_examples(t, s, cfg.seed, n), cfg.model.max_length)
+                       for t in self.tasks for s, n in limits.items()}
+        self._pretrained = {k: v.detach().to("cpu", copy=True) for k, v in self.base.state_dict().items()}
+        self.heads, self.factors = {}, {}
+        self._evaluator = LlamaEvaluator(copy.deepcopy(self.base), self.splits, self.heads)
+
+    def train(self, task: str, folder: Path) -> dict:
+        model = llama.wrap_lora(copy.deepcopy(self.base), OmegaConf.to_container(self.cfg.finetune.lora, resolve=True))
+        losses = finetune(llama.MaskedClassifier(model, nli.CLASSES[task]), self.splits[(task, "train")],
+                          _finetune_config(self.cfg))
         head = model.get_base_model().score.weight
         lc.save_lora(folder, model, head)
-        heads[task] = {"weight": head.detach().clone()}
-        dense = dict(AdapterStateDict(pretrained, lora=llama.lora_factors(model)))
-        return {"train_seconds": round(seconds, 1), "final_loss": losses[-1],
-                "validation_accuracy": evaluator.evaluate(dense, task, "validation")}
+        self.heads[task] = {"weight": head.detach().clone()}
+        dense = dict(AdapterStateDict(self._pretrained, lora=llama.lora_factors(model)))
+        return {"final_loss": losses[-1], "validation_accuracy": self._evaluator.evaluate(dense, task, "validation")}
 
-    for task in cfg.tasks.names:
-        checkpoints.ensure(task, functools.partial(train, task))
-        f, heads[task] = lc.load_lora(checkpoints.source(task), pretrained)
-        factors.append(f)
-    dense = [dict(AdapterStateDict(pretrained, lora=f)) for f in factors]
-    refs = {(t, s): (evaluator.evaluate(dense[i], t, s), evaluator.evaluate(pretrained, t, s))
-            for i, t in enumerate(cfg.tasks.names) for s in ("validation", "test")}
-    ident = checkpoints.checkpoints_id(cfg.tasks.names)
-    return _search(cfg, pretrained, dense, evaluator, refs, ident, {"lora": lambda: factors})
+    def lora_factors(self, task: str, source: Path) -> dict:
+        if task not in self.factors:
+            self.factors[task], self.heads[task] = lc.load_lora(source, self._pretrained)
+        return self.factors[task]
+
+    def finetuned_state(self, task: str, source: Path) -> dict:
+        return dict(AdapterStateDict(self._pretrained, lora=self.lora_factors(task, source)))
 
 
-def _search(cfg, pretrained, finetuned, evaluator, refs, checkpoints_id: str, extra_context: dict) -> dict:
-    """``extra_context``: name -> builder of what methods may need (built once, on first use)."""
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = extra_context[name]()
-        return built[name]
-
-    def context(method):
-        if method.inputs == "lora":
-            return {"lora": get("lora") if "lora" in extra_context else None}
-        return {k: get(k) for k in extra_context if k in method.context}
-
-    ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, checkpoints=checkpoints_id,
-                        seed=cfg.seed, method_context=context)
-    store = ResultStore(repo_path(cfg.paths.results) / f"{cfg.experiment}.csv")
-    write_baselines(ctx, store)
-    selected = {}
-    for space in spaces_from_config(cfg.methods, cfg.search):
-        t0 = time.perf_counter()
-        selected[space.name] = search_method(space, ctx, store)
-        log.info("%s: %s in %.0fs", space.name, selected[space.name], time.perf_counter() - t0)
-    return {"csv": store.path, "selected": selected, "checkpoints": checkpoints_id}
+ADAPTERS = {"mats": T5Mats, "knots": LlamaKnots}
 
 
 def run(cfg: DictConfig) -> dict:
-    if cfg.setting == "mats":
-        return run_mats(cfg)
-    if cfg.setting == "knots":
-        return run_knots(cfg)
-    raise ValueError(f"setting={cfg.setting!r}: choose mats or knots")
+    """A language setting end to end (``eval_scripts/run_language.py``)."""
+    if cfg.setting not in ADAPTERS:
+        raise ValueError(f"setting={cfg.setting!r}: choose one of {', '.join(ADAPTERS)}")
+    return runner.run(ADAPTERS[cfg.setting](cfg))

@@ -1,39 +1,171 @@
-"""Run the embedded default end to end: fine-tune (or reuse), search every configured method, report."""
+"""The one experiment runner: references -> result store -> baselines -> search of every method -> report.
+
+Text (``text_suite``), vision (``vision``) and language (``language``) differ only in an
+:class:`Adapter`: it builds the family, trains (or imports) each task's checkpoint through the one
+reuse mechanism (``train.checkpoints.TaskCheckpoints``), evaluates a merged state on a task's split,
+and says which inputs a method can get (``inputs``: ``kinds`` always; ``stats``; ``lora``). The
+runner does the rest, the same for every family:
+
+1. **prepare**: fine-tune or reuse every task's checkpoint; load the pretrained and fine-tuned states;
+2. **references**: fine-tuned and pretrained accuracy per (task, split), read back from the result
+   store when a previous run wrote them for the same checkpoints and seed, else evaluated;
+3. **baselines** (``pretrained`` / ``finetuned`` rows), then the **search** of every configured method
+   (``search.engine.search_method``: grid, greedy, per-task or continual), then the **report**.
+
+The method context is built here and only here (:class:`MethodContext`): lazily, once per run, timed as
+preparation. ``kinds`` (``merging.selection.tensor_kinds`` of the adapter's model) is passed to every
+method that takes it. **LoRA policy**, the same everywhere: a method that merges LoRA factors
+(``Method.inputs == "lora"``), or one that needs statistics, in a setting whose adapter cannot give
+them, is skipped with a warning and listed under ``skipped`` in the outcome; a run in which every
+configured method is skipped is an error.
+"""
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import time
+from pathlib import Path
+from typing import Callable, Sequence
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from taskmerge.experiments.text_suite import TextEvaluator, TextSuite, repo_path
+from taskmerge.cli_support import hydra_script, print_outcome
+from taskmerge.devices import config_device
 from taskmerge.merging import Method, get_method
 from taskmerge.merging.selection import tensor_kinds
-from taskmerge.search.engine import Profile, SearchContext, search_method, write_baselines
-from taskmerge.search.spaces import spaces_from_config
-from taskmerge.search.store import ResultStore
-from taskmerge.train.checkpoints import load_metadata
+from taskmerge.report import write_report
+from taskmerge.search.common import Evaluator, Profile, SearchContext
+from taskmerge.search.engine import search_method, write_baselines
+from taskmerge.search.spaces import spaces_from_config, validate_spaces
+from taskmerge.search.store import ResultStore, experiment_identity
+from taskmerge.train.checkpoints import TaskCheckpoints
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[3]
+SPLITS = ("validation", "test")
+
+
+def repo_path(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else REPO / path
+
+
+class Adapter:
+    """One model family in one setting: everything the runner asks of it.
+
+    Subclasses set ``inputs`` and implement the methods that raise here; ``cfg`` is the setting's
+    Hydra config (``experiment``, ``seed``, ``methods``, ``search``, ``paths``, ``finetune.mode``,
+    optionally ``report``, ``force``, ``finetuned.pattern``).
+    """
+
+    inputs: frozenset[str] = frozenset({"kinds"})  # what methods can get besides state dicts: kinds, stats, lora
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    # ------------------------------------------------------------ required
+    @property
+    def tasks(self) -> list[str]:
+        """The fine-tuned models' tasks, in merge order."""
+        raise NotImplementedError
+
+    def load(self) -> "Adapter":
+        """Build the family, the data and anything frozen (heads); return ``self``."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def checkpoints(self) -> TaskCheckpoints:
+        raise NotImplementedError
+
+    def checkpoint(self, task: str) -> Path:
+        """Where ``task``'s own checkpoint folder is (an imported one: ``checkpoints.source``)."""
+        return self.checkpoints.path(task)
+
+    def train(self, task: str, folder: Path) -> dict:
+        """Fine-tune ``task``, write its weights into ``folder``, return metadata (accuracies, loss)."""
+        raise NotImplementedError
+
+    def pretrained_state(self) -> dict:
+        raise NotImplementedError
+
+    def finetuned_state(self, task: str, source: Path) -> dict:
+        """The fine-tuned state dict of ``task`` read from ``source`` (our folder or an imported one)."""
+        raise NotImplementedError
+
+    @property
+    def model(self) -> nn.Module:
+        """The module whose parameter names are the merged state's keys (for tensor kinds)."""
+        raise NotImplementedError
+
+    def evaluator(self) -> Evaluator:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ optional
+    def statistics_settings(self) -> tuple[str, dict]:
+        """``(tag, settings)`` of the statistics (cache file name, what they depend on)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no statistics")
+
+    def statistics(self, task: str, state: dict) -> tuple[dict, dict]:
+        """Compute ``task``'s statistics of the fine-tuned ``state``: ``(stats, metadata)``."""
+        raise NotImplementedError(f"{type(self).__name__} gives no statistics")
+
+    def lora_factors(self, task: str, source: Path) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} gives no LoRA factors")
+
+    def selected(self, name: str, best: dict, merge: Callable[[dict], dict]) -> None:
+        """Called after each method's search with its selection; ``merge(hp)`` merges at ``hp``."""
+
+    def make_checkpoints(self, root: Path, parts: Callable[[str], dict]) -> TaskCheckpoints:
+        """The shared checkpoint mechanism under ``root`` with this setting's ``force``,
+        ``finetuned.pattern`` and metadata (``parts(task)``: what the task's fingerprint hashes)."""
+        cfg = self.cfg
+        meta = {"experiment": cfg.experiment, "mode": cfg.finetune.mode, "seed": cfg.seed,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+        return TaskCheckpoints(root, parts, force=cfg.get("force", False),
+                               pattern=(cfg.get("finetuned") or {}).get("pattern"), metadata=meta)
+
+    def identity_extra(self) -> str:
+        """What the merges depend on besides the checkpoints (the statistics settings), for the CSV rows."""
+        return json.dumps(self.statistics_settings()[1], sort_keys=True) if "stats" in self.inputs else ""
 
 
 class MethodContext:
-    """What each method needs beyond the weights, built lazily and once: tensor kinds, statistics, LoRA factors."""
+    """The context arguments of a method, built from the adapter in one place: lazily, once, timed as
+    preparation (``profile.prepare``). ``kinds`` always; ``stats`` and ``lora`` when declared."""
 
-    def __init__(self, suite: TextSuite, finetuned: list[dict], profile):
-        self.suite, self.finetuned, self.profile, self._cache = suite, finetuned, profile, {}
+    def __init__(self, adapter: Adapter, pretrained: dict, finetuned: list[dict], profile: Profile):
+        self.adapter, self.pretrained, self.finetuned, self.profile = adapter, pretrained, finetuned, profile
+        self._cache: dict = {}
+
+    def missing(self, method: Method) -> str | None:
+        """Why this setting cannot run ``method`` (the one policy), or None."""
+        have = self.adapter.inputs
+        if method.inputs == "lora" and "lora" not in have:
+            return (f"{method.name} merges LoRA factors and this setting's fine-tunes are not LoRA "
+                    f"(use a LoRA fine-tune, e.g. finetune=lora)")
+        if "stats" in method.context and "stats" not in have:
+            return f"{method.name} needs Fisher/Gram statistics, which this setting does not compute"
+        return None
 
     def __call__(self, method: Method) -> dict:
-        out = {}
-        if "kinds" in method.context:
-            out["kinds"] = self._get("kinds", lambda: tensor_kinds(self.suite.encoder.state_dict(), self.suite.encoder))
+        out = {"kinds": self._get("kinds", lambda: tensor_kinds(self.pretrained, self.adapter.model)),
+               "device": config_device(self.adapter.cfg)}
         if "stats" in method.context:
-            out["stats"] = self._get("stats", lambda: [self.suite.statistics(t, sd) for t, sd in
-                                                       zip(self.suite.tasks, self.finetuned)])
-        if "lora" in method.context:
-            out["lora"] = self._get("lora", self.suite.lora_factors)
+            out["stats"] = self._get("stats", self._statistics)
+        if method.inputs == "lora" or "lora" in method.context:
+            out["lora"] = self._get("lora", lambda: [self.adapter.lora_factors(t, self.adapter.checkpoints.source(t))
+                                                     for t in self.adapter.tasks])
         return out
+
+    def _statistics(self) -> list[dict]:
+        ck, (tag, settings) = self.adapter.checkpoints, self.adapter.statistics_settings()
+        return [ck.statistics(t, tag, settings, functools.partial(self.adapter.statistics, t, sd))
+                for t, sd in zip(self.adapter.tasks, self.finetuned)]
 
     def _get(self, key, build):
         if key not in self._cache:
@@ -43,75 +175,125 @@ class MethodContext:
         return self._cache[key]
 
 
-def applicable(method: Method, cfg: DictConfig) -> bool:
-    if method.inputs == "lora" and cfg.finetune.mode != "lora":
-        log.warning("skipping %s: it merges LoRA factors and needs finetune=lora", method.name)
-        return False
-    return True
-
-
-def results_csv(cfg: DictConfig):
+def results_csv(cfg: DictConfig) -> Path:
     """results/<experiment>.csv; in a Hydra multirun, one CSV per job: results/<experiment>/<id>.csv.
 
     The job's id hashes its overrides, so re-running the same sweep resumes each job's own CSV;
     ``<id>.overrides`` beside it records the overrides in words.
     """
     root = repo_path(cfg.paths.results)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            overrides = hc.job.override_dirname or "default"
-            job = hashlib.sha256(overrides.encode()).hexdigest()[:10]
-            folder = root / cfg.experiment
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{job}.overrides").write_text(overrides + "\n")
-            return folder / f"{job}.csv"
-    except (ValueError, ImportError):  # not inside a Hydra app (tests, the CLI)
-        pass
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        overrides = HydraConfig.get().job.override_dirname or "default"
+        job = hashlib.sha256(overrides.encode()).hexdigest()[:10]
+        folder = root / cfg.experiment
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{job}.overrides").write_text(overrides + "\n")
+        return folder / f"{job}.csv"
     return root / f"{cfg.experiment}.csv"
 
 
-def prepare(cfg: DictConfig) -> TextSuite:
-    suite = TextSuite(cfg).load()
-    for task in suite.tasks:
-        suite.finetune_task(task, force=cfg.force)
-    return suite
+def prepare(adapter: Adapter, tasks: Sequence[str] | None = None) -> dict[str, dict]:
+    """Load the family and fine-tune (or reuse, or import) each task's checkpoint (default: every
+    configured task); returns each task's metadata."""
+    adapter.load()
+    unknown = [t for t in tasks or () if t not in adapter.tasks]
+    if unknown:
+        raise ValueError(f"task {unknown[0]!r} is not configured ({', '.join(adapter.tasks)})")
+    return {t: adapter.checkpoints.ensure(t, functools.partial(adapter.train, t)) for t in tasks or adapter.tasks}
 
 
-def run(cfg: DictConfig) -> dict:
-    t_start = time.perf_counter()
-    suite = prepare(cfg)
-    t_other = time.perf_counter()
-    evaluator = TextEvaluator(suite)
-    pretrained = {k: v.detach().clone() for k, v in suite.encoder.state_dict().items()}
-    finetuned = suite.finetuned_states()
-    pretrained_acc = suite.pretrained_accuracy(lambda task, split: evaluator.evaluate(pretrained, task, split))
+def references(evaluator: Evaluator, tasks: Sequence[str], pretrained: dict, finetuned: list[dict],
+               store: ResultStore, checkpoints: str, seed) -> dict:
+    """``(task, split) -> (fine-tuned accuracy, pretrained accuracy)``: the baseline rows of a previous
+    run with the same checkpoints and seed, else evaluated (an evaluator with ``finetuned_reference``,
+    the joint setting, has no fine-tuned model of its own to evaluate)."""
+    wanted = [(t, s) for s in SPLITS for t in evaluator.tasks]
+    seen = {(r["method"], r["task"], r["split"]): float(r["accuracy"]) for r in store.rows()
+            if r["method"] in ("finetuned", "pretrained") and r["checkpoints"] == checkpoints
+            and str(r["seed"]) == str(seed)}
+    if all((m, t, s) in seen for m in ("finetuned", "pretrained") for t, s in wanted):
+        return {(t, s): (seen[("finetuned", t, s)], seen[("pretrained", t, s)]) for t, s in wanted}
+    fixed = getattr(evaluator, "finetuned_reference", None)
     refs = {}
-    for task in suite.tasks:
-        meta = load_metadata(suite.checkpoint(task))
-        for split in ("validation", "test"):
-            refs[(task, split)] = (meta[f"{split}_accuracy"], pretrained_acc[f"{task}/{split}"])
+    for task, split in wanted:
+        ft = fixed if fixed is not None else evaluator.evaluate(finetuned[list(tasks).index(task)], task, split)
+        refs[(task, split)] = (ft, evaluator.evaluate(pretrained, task, split))
+    return refs
+
+
+def run(adapter: Adapter) -> dict:
+    """Every configured method of the adapter's setting, end to end (see the module docstring)."""
+    cfg = adapter.cfg
+    validate_spaces(cfg, "lora" in adapter.inputs, results_csv(cfg))  # the whole search, before any work
+    t_start = time.perf_counter()
+    prepare(adapter)
+    checkpoints = adapter.checkpoints
+    t_other = time.perf_counter()
+    pretrained = adapter.pretrained_state()
+    finetuned = [adapter.finetuned_state(t, checkpoints.source(t)) for t in adapter.tasks]
+    evaluator = adapter.evaluator()
+    ident = checkpoints.checkpoints_id(adapter.tasks, adapter.identity_extra())
+    store = ResultStore(results_csv(cfg), experiment_identity(cfg))
+    refs = references(evaluator, adapter.tasks, pretrained, finetuned, store, ident, cfg.seed)
     profile = Profile(prepare=time.perf_counter() - t_other)
-    ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, suite.checkpoints_id(), cfg.seed,
-                        method_context=MethodContext(suite, finetuned, profile), profile=profile)
-    store = ResultStore(results_csv(cfg))
+    context = MethodContext(adapter, pretrained, finetuned, profile)
+    ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, ident, cfg.seed,
+                        method_context=context, profile=profile)
     write_baselines(ctx, store)
-    selected = {}
+    selected, skipped = {}, {}
     t_loop, before = time.perf_counter(), profile.merge + profile.evaluate + profile.prepare
     for space in spaces_from_config(cfg.methods, cfg.search):
-        if not applicable(get_method(space.method), cfg):
+        method = get_method(space.method)
+        reason = context.missing(method)
+        if reason:
+            log.warning("skipping %s: %s", space.name, reason)
+            skipped[space.name] = reason
             continue
-        best = search_method(space, ctx, store)
-        selected[space.name] = best
-        log.info("%s: selected %s (val avg. norm. %.3f, test avg. norm. %.3f)", space.name, best["hparams"],
-                 best["val"], best["test"])
-    from taskmerge.report import write_report
-
-    outputs = write_report(store.path)
+        selected[space.name] = best = search_method(space, ctx, store)
+        adapter.selected(space.name, best, lambda hp, m=method: m(pretrained, finetuned, hp, **context(m)))
+        log.info("%s: selected %s (val %.3f, test %.3f)", space.name, best["hparams"], best["val"], best["test"])
+    if skipped and not selected:
+        raise ValueError("every configured method was skipped: " + "; ".join(skipped.values()))
+    outputs = write_report(store.path) if cfg.get("report", True) else {}
     # other = everything in the search loop and the report that is neither merging, evaluating nor preparing
     profile.other += time.perf_counter() - t_loop - (profile.merge + profile.evaluate + profile.prepare - before)
-    return {"csv": store.path, **outputs, "selected": selected, "profile": ctx.profile,
-            "total_seconds": time.perf_counter() - t_start}
+    return {"csv": store.path, **outputs, "selected": selected, "skipped": skipped, "profile": profile,
+            "checkpoints": ident, "total_seconds": time.perf_counter() - t_start}
+
+
+def compute_statistics(adapter: Adapter, tasks: Sequence[str] | None = None) -> dict[str, Path]:
+    """Statistics of each task's fine-tuned model (fine-tuned first if needed), cached; returns their files."""
+    done = prepare(adapter, tasks)
+    checkpoints, (tag, settings) = adapter.checkpoints, adapter.statistics_settings()
+    out = {}
+    for task in done:
+        state = adapter.finetuned_state(task, checkpoints.source(task))
+        checkpoints.statistics(task, tag, settings, functools.partial(adapter.statistics, task, state))
+        out[task] = checkpoints.stats_path(task, tag)
+    return out
+
+
+def prepared(metas: dict[str, dict], adapter: Adapter) -> None:
+    """What a fine-tuning script prints: each task's recorded accuracies and its folder."""
+    for task, meta in metas.items():
+        if meta:  # empty in the non-main processes of a multi-process fine-tune
+            accs = "  ".join(f"{short} {meta[f'{s}_accuracy']:.3f}" for s, short in zip(SPLITS, ("val", "test"))
+                             if f"{s}_accuracy" in meta)
+            print(f"{task:20s} {accs}  -> {adapter.checkpoints.source(task)}")
+
+
+def script(config_name: str, main: Callable[[DictConfig], None]):
+    """A Hydra app over ``configs/<config_name>.yaml`` that runs ``main(cfg)`` with one-line errors
+    (the body of every script in ``training_scripts/`` and ``eval_scripts/``)."""
+    @hydra_script(str(REPO / "configs"), config_name)
+    @functools.wraps(main)
+    def app(cfg: DictConfig) -> None:
+        logging.getLogger("taskmerge").setLevel(logging.INFO)
+        main(cfg)
+
+    return app
+
+
+def search_script(config_name: str, family_run: Callable[[DictConfig], dict]):
+    """``script`` that runs a family's experiment end to end and prints its outcome."""
+    return script(config_name, lambda cfg: print_outcome(family_run(cfg)))

@@ -2,4 +2,5 @@
 adapters (LoRA / IA3), and pickles behind an explicit trust flag. Writing is atomic."""
 from taskmerge.io.load import load_model  # noqa: F401
 from taskmerge.io.peft import LoraFactors, load_adapter_dense, load_ia3_vectors, load_lora_factors  # noqa: F401
-from taskmerge.io.tensors import LazyStateDict, ModelFileError, save_state_dict  # noqa: F401
+from taskmerge.io.tensors import LazyStateDict, ModelFileError, load_safetensors, save_state_dict  # noqa: F401
+from taskmerge.io.buffers import reconcile_buffers  # noqa: F401

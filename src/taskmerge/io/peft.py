@@ -128,13 +128,13 @@ class AdapterStateDict(Mapping[str, torch.Tensor]):
             return self.replaced[key]
         base = self.pretrained[key]
         if key in self.lora:
-            return (base.float() + self.lora[key].delta()).to(base.dtype)
+            return (base.float() + self.lora[key].delta().to(base.device)).to(base.dtype)
         module, _, leaf = key.rpartition(".")
         vec = self.ia3.get(module)
         if vec is not None and leaf == "weight":
-            return (base.float() * vec.float()).to(base.dtype)
+            return (base.float() * vec.float().to(base.device)).to(base.dtype)
         if vec is not None and leaf == "bias" and vec.shape[1] == 1:
-            return (base.float() * vec.float().reshape(base.shape)).to(base.dtype)
+            return (base.float() * vec.float().to(base.device).reshape(base.shape)).to(base.dtype)
         return base
 
     def __iter__(self) -> Iterator[str]:

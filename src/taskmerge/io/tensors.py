@@ -85,6 +85,13 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return f"LazyStateDict({len(self)} tensors from {[str(f) for f in self.files]})"
 
 
+def load_safetensors(path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, read now; a missing, truncated or corrupt file is a
+    ``ModelFileError`` naming it (``safetensors.load_file`` raises a bare ``SafetensorError``)."""
+    sd = LazyStateDict([path], device=device)
+    return {k: sd[k] for k in sd}
+
+
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``state_dict`` to ``path`` as safetensors, atomically.
 

@@ -21,6 +21,11 @@ these names (a consumer passes what it has; the registry hands each method only 
 - ``kinds``: ``{tensor name: "linear" | "embedding" | "conv" | "norm" | "other"}``
   (``taskmerge.merging.selection``; None: the shape rule);
 - ``stats``: one statistics dict per fine-tuned model (Fisher / Gram), same order;
+- ``depths``: ``{tensor name: index of its residual block}`` from the model family (LiNeS' layer
+  depth; tensors outside the blocks absent); None: the block is read from the name;
+- ``layer_stats``: a callback ``(block, merged tensors) -> [per model {"<module>.gram_in": G}]``,
+  input Grams of one block forwarded through the merged blocks below it (RegMean++;
+  ``taskmerge.stats.layerwise``);
 - ``device``: where to run the arithmetic (results come back on the input's device);
 - ``lora``: LoRA factors per fine-tuned model (for factor-space methods);
 - ``cache``: a dict the caller keeps while the inputs stay the same (one per method search), in
@@ -53,7 +58,8 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from taskmerge.merging.inputs import StateDict  # noqa: F401  (re-exported: methods annotate with it)
 from taskmerge.merging.outputs import collect
-CONTEXT_ARGS = frozenset({"kinds", "stats", "device", "lora", "cache", "scratch", "chunk_numel", "artifacts"})
+CONTEXT_ARGS = frozenset({"kinds", "stats", "depths", "layer_stats", "device", "lora", "cache", "scratch",
+                          "chunk_numel", "artifacts"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,19 +135,24 @@ def regmean(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         raise ValueError("method 'regmean': the statistics contain no '<module>.gram_in' entry for any Linear weight")
     log.info("regmean: %d Linear weights solved, the other tensors averaged", len(linear))
     for key in float_keys(pretrained):
-        weights = tensors(key, finetuned, device)
-        mean = torch.stack(weights).mean(0)
         grams = gather(stats, gram_in_key(key), "regmean") if key in linear else None
-        if grams is None:
-            yield key, mean
-            continue
-        A = torch.zeros(mean.shape[1], mean.shape[1], device=mean.device)
-        B = torch.zeros(mean.shape[1], mean.shape[0], device=mean.device)
-        for t, (g, w) in enumerate(zip(grams, weights)):
-            g = g.to(device=mean.device, dtype=torch.float32)
-            check_gram(g, f"stats[{t}]: {gram_in_key(key)}")
-            g = scale_off_diagonal(g, off_diagonal_scale)
-            A += g
-            B += g @ w.T
-        X = solve_spd(A, B, gram_in_key(key))
-        yield key, torch.where(torch.isnan(X.T), mean, X.T)
+        yield key, regmean_tensor(key, tensors(key, finetuned, device), grams, off_diagonal_scale)
+
+
+def regmean_tensor(key: str, weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor] | None,
+                   off_diagonal_scale: float) -> torch.Tensor:
+    """One merged tensor: the RegMean solve of a Linear weight with one input Gram per task, the
+    average of ``weights`` without Grams (and for input features no task activated)."""
+    mean = torch.stack(list(weights)).mean(0)
+    if grams is None:
+        return mean
+    A = torch.zeros(mean.shape[1], mean.shape[1], device=mean.device)
+    B = torch.zeros(mean.shape[1], mean.shape[0], device=mean.device)
+    for t, (g, w) in enumerate(zip(grams, weights)):
+        g = g.to(device=mean.device, dtype=torch.float32)
+        check_gram(g, f"stats[{t}]: {gram_in_key(key)}")
+        g = scale_off_diagonal(g, off_diagonal_scale)
+        A += g
+        B += g @ w.T
+    X = solve_spd(A, B, gram_in_key(key))
+    return torch.where(torch.isnan(X.T), mean, X.T)

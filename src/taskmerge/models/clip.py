@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from taskmerge.io.tensors import load_safetensors
 
 # open_clip-style architecture dicts. ViT-B-32/B-16/L-14: open_clip's own configs (OpenAI CLIP).
 ARCHS: dict[str, dict] = {
@@ -115,8 +117,10 @@ class ZeroShotHead(nn.Module):
 
 class ImageClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, head: nn.Module):
+        from taskmerge.devices import module_device
+
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head = encoder, head.to(module_device(encoder))  # the head follows the encoder
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))
@@ -186,7 +190,7 @@ class ClipFamily:
         else:
             clip = build_open_clip(arch, seed)
             if path:
-                state = load_file(str(path))
+                state = load_safetensors(path)
                 missing, unexpected = clip.load_state_dict(state, strict=False)
                 if unexpected or [k for k in missing if not k.startswith("transformer.")]:
                     raise ValueError(f"{path}: not an open_clip {name} state dict (missing {missing[:3]}, "
@@ -196,8 +200,17 @@ class ClipFamily:
                 return fam
         return cls(backend, clip, name, text_leftovers)
 
+    def to(self, device) -> "ClipFamily":
+        """Put the CLIP model and the mergeable encoder on ``device`` (the script's ``device``)."""
+        self.clip.to(device)
+        self.encoder.to(device)
+        return self
+
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        from taskmerge.devices import module_device
+
+        tokens = tokens.to(module_device(self.clip))
         if self.backend == "open_clip":
             return self.clip.encode_text(tokens)
         return self.clip.text_projection(self.clip.text_model(input_ids=tokens).pooler_output)
@@ -243,15 +256,34 @@ class ClipFamily:
         return ImageClassifier(encoder, head)
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.encoder.state_dict().items()}  # CPU copies
+
+
+VISION_PREFIX = "vision_model."
+
+
+def align_vision_keys(sd, reference):
+    """``sd`` with ``reference``'s tensor names, for both ``CLIPVisionModel`` layouts.
+
+    transformers 4 (and FusionBench's folders) save ``CLIPVisionModel`` with the ``vision_model.``
+    prefix, as ``CLIPModel`` does; transformers 5 saves it without (``embeddings.*``, ``encoder.*``,
+    ``post_layernorm.*``). When ``reference`` (the ``hf`` encoder's state dict) is prefixed and
+    ``sd`` is not, the prefix is added; any other state dict comes back as it is (tensors unread).
+    """
+    if any(k.startswith(VISION_PREFIX) for k in sd) or not any(k.startswith(VISION_PREFIX) for k in reference):
+        return sd
+    renamed = {VISION_PREFIX + k: k for k in sd if VISION_PREFIX + k in reference}
+    if not renamed:
+        return sd
+    return {new: sd[old] for new, old in renamed.items()}
 
 
 def save_head(head: ZeroShotHead, path: Path, classnames: Sequence[str], templates: Sequence[str], model: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"weight": head.weight.contiguous()}
+    tensors = {"weight": head.weight.cpu().contiguous()}
     if head.projection is not None:
-        tensors["projection"] = head.projection.contiguous()
+        tensors["projection"] = head.projection.cpu().contiguous()
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"classnames": json.dumps(list(classnames)),
                                            "templates": json.dumps(list(templates)), "model": model})
@@ -259,11 +291,11 @@ def save_head(head: ZeroShotHead, path: Path, classnames: Sequence[str], templat
 
 
 def load_head(path: Path) -> ZeroShotHead:
-    from safetensors import safe_open
+    from taskmerge.io.tensors import LazyStateDict
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    sd = load_file(str(path))
+    lazy = LazyStateDict([path])
+    meta = lazy.metadata
+    sd = {k: lazy[k] for k in lazy}
     head = ZeroShotHead(sd["weight"], sd.get("projection"))
     head.classnames = json.loads(meta.get("classnames", "[]"))
     return head

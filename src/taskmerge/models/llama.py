@@ -76,8 +76,8 @@ def lora_factors(peft_model: nn.Module, adapter: str = "default") -> dict[str, L
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
             bare = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
-            out[bare] = LoraFactors(module.lora_A[adapter].weight.detach().clone(),
-                                    module.lora_B[adapter].weight.detach().clone(),
+            out[bare] = LoraFactors(module.lora_A[adapter].weight.detach().to("cpu", copy=True),
+                                    module.lora_B[adapter].weight.detach().to("cpu", copy=True),
                                     float(module.scaling[adapter]))
     if not out:
         raise ValueError("the model has no LoRA modules")

@@ -135,7 +135,7 @@ def retie(merged: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dic
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors, named without peft's prefix (IA3: ``…SelfAttention.k.ia3_l.default``)."""
-    return {_strip(n): p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {_strip(n): p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def ia3_pretrained(ia3_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

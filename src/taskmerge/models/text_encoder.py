@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from taskmerge.data.sources import MissingDataError
+from taskmerge.devices import module_device
 
 
 def minilm_path() -> Path:
@@ -71,7 +72,7 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder: nn.Module, head: nn.Linear):
         super().__init__()
-        self.encoder, self.head = encoder, head
+        self.encoder, self.head = encoder, head.to(module_device(encoder))  # the head follows the encoder
         for p in self.head.parameters():
             p.requires_grad_(False)
 
@@ -114,5 +115,6 @@ def encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> E
 def split_features(encoder: nn.Module, data: Encoded, batch_size: int = 64) -> torch.Tensor:
     """Sentence features of a split, in the split's original order."""
     encoder.eval()
-    order = torch.arange(len(data))
-    return torch.cat([sentence_features(encoder, ids, mask) for ids, mask, _ in data.batches(batch_size, order)])
+    order, device = torch.arange(len(data)), module_device(encoder)
+    return torch.cat([sentence_features(encoder, ids.to(device), mask.to(device)).cpu()
+                      for ids, mask, _ in data.batches(batch_size, order)])

@@ -18,7 +18,8 @@ import statistics
 import time
 
 from taskmerge.merging.registry import Method
-from taskmerge.search.engine import SELECTION, SearchContext, Space, _evaluate_point, _first_best, make_rows
+from taskmerge.search.common import (SearchContext, Space, evaluate_point, first_best, make_rows, own_rows,
+                                     selection)
 from taskmerge.search.store import ResultStore, hparams_key
 
 
@@ -56,7 +57,7 @@ def _run_order(method: Method, name: str, hp: dict, order: list[int], ctx: Searc
         ctx.profile.add_merge(name, time.perf_counter() - t0)
         if (every_step or step == len(order)) and step not in done_steps:
             seen = [tasks[i] for i in order[:step]] if every_step else tasks
-            accs = _evaluate_point(ctx, merged, split, seen)
+            accs = evaluate_point(ctx, merged, split, seen)
             new = make_rows(ctx, name, hp, stage, split, accs, time.perf_counter() - t0, label, step)
             store.append(new)
             rows += new
@@ -84,19 +85,19 @@ def summarize(rows: list[dict], n_tasks: int) -> dict:
 
 
 def search_continual(space: Space, method: Method, ctx: SearchContext, store: ResultStore) -> dict:
+    """The continual protocol for a sequential method (the ``continual`` entry of ``engine.STRATEGIES``)."""
     tasks = list(ctx.evaluator.tasks)
     orders = task_orders(len(tasks), space.orders, ctx.seed)
     points = [method.resolve(p) for p in space.points()] or [method.resolve({})]
-    existing = [r for r in store.rows() if r["method"] == space.name and r["checkpoints"] == ctx.checkpoints
-                and str(r["seed"]) == str(ctx.seed)]
-    score = SELECTION[space.select]
+    existing = own_rows(store, space, ctx)
+    score = selection(space)
     if len(points) > 1:
         val_scores = {}
         for hp in points:
             rows = [r for order in orders
                     for r in _run_order(method, space.name, hp, order, ctx, store, "validation", "search", False, existing)]
             val_scores[hparams_key(hp)] = score(rows)
-        best = _first_best(points, lambda hp: val_scores[hparams_key(hp)])
+        best = first_best(points, lambda hp: val_scores[hparams_key(hp)])
     else:
         best, val_scores = points[0], {}
     rows = [r for order in orders

@@ -9,91 +9,28 @@ points already in the CSV are read back instead of recomputed, so an interrupted
 What a grid does not change is computed once: for a method whose output is linear in a
 hyperparameter ``s`` (``Method.linear_in``), the merge runs once per setting of the *other*
 hyperparameters and each ``s`` is ``θ0 + s·Δ``.
+
+The strategies are one table, :data:`STRATEGIES` (grid, greedy, per_task, continual); a space's
+strategy is its ``strategy`` field, or ``continual`` for a sequential method (``Method.sequential``).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
 from taskmerge.merging.outputs import LowRank, Update, collect
-from taskmerge.merging.registry import Method, StateDict, get_method
+from taskmerge.merging.registry import Method, get_method
+from taskmerge.search.common import (SELECTION, Evaluator, Profile, SearchContext, Space, evaluate_point,
+                                     first_best, make_rows, own_rows, selection)
+from taskmerge.search.continual import search_continual
 from taskmerge.search.store import ResultStore, hparams_key
 
+__all__ = ["SELECTION", "STRATEGIES", "Evaluator", "Profile", "SearchContext", "Space", "make_rows",
+           "search_method", "strategy_of", "write_baselines"]
 log = logging.getLogger(__name__)
-
-
-class Evaluator(Protocol):
-    tasks: Sequence[str]
-
-    def evaluate(self, state: StateDict, task: str, split: str) -> float: ...
-
-
-@dataclass
-class Space:
-    """A method's search space: fixed hyperparameters and an ordered grid over others."""
-
-    method: str
-    grid: dict[str, list] = field(default_factory=dict)
-    fixed: dict[str, Any] = field(default_factory=dict)
-    strategy: str = "grid"   # grid | greedy (KnOTS coordinate search) | per_task (TALL masks' per-task λ)
-    accept: str = "ge"       # greedy: accept a value on >= (KnOTS per-task) or > (KnOTS joint)
-    select: str = "avg_normalized_accuracy"
-    orders: int = 10         # sequential methods: number of random task orders
-    label: str | None = None  # the CSV's method column (default: the method); tells apart two configs of one method
-
-    @property
-    def name(self) -> str:
-        return self.label or self.method
-
-    def points(self, innermost: str | None = None) -> list[dict]:
-        """Grid points in order; ``innermost`` (a method's linear hyperparameter) varies fastest."""
-        names = sorted(self.grid, key=lambda n: n == innermost)
-        return [{**self.fixed, **dict(zip(names, values))} for values in itertools.product(*(self.grid[n] for n in names))]
-
-
-@dataclass
-class Profile:
-    """Seconds spent searching (merge / evaluate / other) and in one-off preparation that later
-    searches reuse from disk (loading checkpoints, statistics, LoRA factors, baseline accuracies)."""
-
-    merge: float = 0.0
-    evaluate: float = 0.0
-    other: float = 0.0
-    prepare: float = 0.0
-    merge_by_method: dict[str, float] = field(default_factory=dict)
-
-    def add_merge(self, method: str, seconds: float) -> None:
-        self.merge += seconds
-        self.merge_by_method[method] = self.merge_by_method.get(method, 0.0) + seconds
-
-    def summary(self) -> str:
-        total = self.merge + self.evaluate + self.other
-        pct = lambda x: 100 * x / total if total else 0.0  # noqa: E731
-        top = sorted(self.merge_by_method.items(), key=lambda kv: -kv[1])[:3]
-        where = ", ".join(f"{name} {sec:.1f}s" for name, sec in top)
-        return (f"search profile: merge {self.merge:.1f}s ({pct(self.merge):.0f}%), evaluate {self.evaluate:.1f}s "
-                f"({pct(self.evaluate):.0f}%), other {self.other:.1f}s ({pct(self.other):.0f}%); "
-                f"one-off preparation {self.prepare:.1f}s" + (f"\nlongest merges: {where}" if top else ""))
-
-
-@dataclass
-class SearchContext:
-    """Everything the engine needs about one experiment (built by the experiment, not the engine)."""
-
-    experiment: str
-    pretrained: StateDict
-    finetuned: list[StateDict]
-    evaluator: Evaluator
-    refs: dict[tuple[str, str], tuple[float, float]]  # (task, split) -> (fine-tuned acc, pretrained acc)
-    checkpoints: str  # identity (hash) of the fine-tuned set
-    seed: int = 0
-    method_context: Callable[[Method], dict] = lambda m: {}
-    profile: Profile = field(default_factory=Profile)
 
 
 class _MergeCache:
@@ -142,49 +79,14 @@ class _MergeCache:
         return collect(ctx.pretrained, ((k, Update(d, s)) for k, d in self._delta.items()))
 
 
-def _evaluate_point(ctx: SearchContext, merged, split: str, tasks: Sequence[str] | None = None) -> dict[str, float]:
-    t0 = time.perf_counter()
-    per_task = isinstance(merged, list)
-    all_tasks = list(ctx.evaluator.tasks)
-    accs = {task: ctx.evaluator.evaluate(merged[all_tasks.index(task)] if per_task else merged, task, split)
-            for task in (tasks or all_tasks)}
-    ctx.profile.evaluate += time.perf_counter() - t0
-    return accs
-
-
-def make_rows(ctx: SearchContext, method: str, hp: dict, stage: str, split: str, accs: dict, wall: float,
-              order: str = "", step: int | str = "") -> list[dict]:
-    from taskmerge.provenance import git_commit
-
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    out = []
-    for task, acc in accs.items():
-        ft, pt = ctx.refs[(task, split)]
-        out.append(dict(experiment=ctx.experiment, method=method, hparams=hp, stage=stage, task=task, split=split,
-                        accuracy=acc, normalized_accuracy=acc / ft if ft else float("nan"),
-                        finetuned_accuracy=ft, pretrained_accuracy=pt, seed=ctx.seed, order=order, step=step,
-                        wall_time_s=round(wall, 3), checkpoints=ctx.checkpoints, git_commit=git_commit(),
-                        timestamp=now))
-    return out
-
-
-SELECTION = {
-    "avg_normalized_accuracy": lambda rows: sum(float(r["normalized_accuracy"]) for r in rows) / len(rows),
-    "avg_accuracy": lambda rows: sum(float(r["accuracy"]) for r in rows) / len(rows),
-}
-
-
 class _Validation:
     """Validation results of one method's points: read from the CSV when present, else merged and evaluated."""
 
     def __init__(self, method: Method, space: Space, ctx: SearchContext, store: ResultStore):
         self.method, self.space, self.ctx, self.store = method, space, ctx, store
         self.merge = _MergeCache(method, ctx, space.name)
-        self.mine = [r for r in store.rows() if r["method"] == space.name and r["checkpoints"] == ctx.checkpoints
-                     and str(r["seed"]) == str(ctx.seed)]
-        if space.select not in SELECTION:
-            raise ValueError(f"unknown selection {space.select!r}; choose one of {sorted(SELECTION)}")
-        self.score_fn = SELECTION[space.select]
+        self.mine = own_rows(store, space, ctx)
+        self.score_fn = selection(space)
         self.rows: dict[str, list[dict]] = {}
 
     def __call__(self, hp: dict) -> list[dict]:
@@ -194,7 +96,7 @@ class _Validation:
             if not rows:
                 t0 = time.perf_counter()
                 merged = self.merge(hp)
-                accs = _evaluate_point(self.ctx, merged, "validation")
+                accs = evaluate_point(self.ctx, merged, "validation")
                 rows = make_rows(self.ctx, self.space.name, hp, "search", "validation", accs,
                                  time.perf_counter() - t0)
                 self.store.append(rows)
@@ -213,27 +115,39 @@ class _Validation:
         if missing:
             t0 = time.perf_counter()
             merged = self.merge(hp)
-            accs = _evaluate_point(self.ctx, merged, "test", missing)
+            accs = evaluate_point(self.ctx, merged, "test", missing)
             new = make_rows(self.ctx, self.space.name, hp, "test", "test", accs, time.perf_counter() - t0)
             self.store.append(new)
             rows += new
         return rows
 
 
-def _first_best(points: list[dict], score) -> dict:
-    """The best point under ``score``; strict '>' in visiting order, so the first best wins a tie."""
-    best, best_score = None, None
-    for hp in points:
-        s = score(hp)
-        if best is None or s > best_score:
-            best, best_score = hp, s
-    return best
+def _points(space: Space, method: Method) -> list[dict]:
+    return [method.resolve(p) for p in space.points(method.linear_in)] or [method.resolve({})]
 
 
-def _greedy(space: Space, method: Method, val: _Validation) -> dict:
+def _visit_all(space: Space, method: Method, val: _Validation) -> list[dict]:
+    points = _points(space, method)
+    for hp in tqdm(points, desc=f"search[{space.name}]", leave=False, disable=len(points) < 2):
+        val(hp)
+    return points
+
+
+def _selected(best: dict, val: _Validation) -> dict:
+    return {"hparams": best, "val": val.score(best), "test": val.score_fn(val.test(best))}
+
+
+def search_grid(space: Space, method: Method, ctx: SearchContext, store: ResultStore) -> dict:
+    """Every grid point on validation; the first best is tested."""
+    val = _Validation(method, space, ctx, store)
+    return _selected(first_best(_visit_all(space, method, val), val.score), val)
+
+
+def search_greedy(space: Space, method: Method, ctx: SearchContext, store: ResultStore) -> dict:
     """KnOTS' coordinate search: one hyperparameter at a time, values in the given order; a value is
     accepted when its score is >= (``accept="ge"``, per-task scripts) or > (``"gt"``, joint scripts) the
     best so far, and the scan of that hyperparameter stops at the first value that is not accepted."""
+    val = _Validation(method, space, ctx, store)
     current = method.resolve({**space.fixed, **{k: v[0] for k, v in space.grid.items() if v}})
     for name, values in space.grid.items():
         best_value, best_score = current[name], None
@@ -244,45 +158,47 @@ def _greedy(space: Space, method: Method, val: _Validation) -> dict:
             else:
                 break
         current = method.resolve({**current, name: best_value})
-    return current
+    return _selected(current, val)
+
+
+def search_per_task(space: Space, method: Method, ctx: SearchContext, store: ResultStore) -> dict:
+    """TALL masks' protocol: every point on validation, then each task's own best point (per-task output)."""
+    if method.output != "per_task":
+        raise ValueError(f"strategy=per_task selects one point per task and needs a per-task method, "
+                         f"not {space.method!r}")
+    val = _Validation(method, space, ctx, store)
+    points = _visit_all(space, method, val)
+    choice = {}
+    for task in ctx.evaluator.tasks:
+        task_score = lambda hp, task=task: next(float(r["accuracy"]) for r in val(hp) if r["task"] == task)  # noqa: E731
+        choice[task] = first_best(points, task_score)
+    test_rows = []
+    for hp in {hparams_key(h): h for h in choice.values()}.values():
+        test_rows += val.test(hp, [t for t, h in choice.items() if h == hp])
+    val_rows = [next(r for r in val(choice[t]) if r["task"] == t) for t in ctx.evaluator.tasks]
+    return {"hparams": choice, "val": val.score_fn(val_rows), "test": val.score_fn(test_rows)}
+
+
+STRATEGIES = {"grid": search_grid, "greedy": search_greedy, "per_task": search_per_task,
+              "continual": search_continual}
+
+
+def strategy_of(space: Space, method: Method) -> str:
+    """``continual`` for a sequential method (the task order matters), else the space's strategy."""
+    return "continual" if method.sequential else space.strategy
 
 
 def search_method(space: Space, ctx: SearchContext, store: ResultStore) -> dict:
     """Search one method on validation and evaluate the test split at the selection.
 
     Returns ``{"hparams", "val", "test"}``; with ``strategy="per_task"``, ``hparams`` maps each task
-    to its own selection (TALL masks' per-task λ).
+    to its own selection (TALL masks' per-task λ); continual searches add ``final_accuracy``, ``bwt``.
     """
     method = get_method(space.method)
-    if method.sequential:
-        from taskmerge.search.continual import search_continual
-
-        return search_continual(space, method, ctx, store)
-    val = _Validation(method, space, ctx, store)
-    points = [method.resolve(p) for p in space.points(method.linear_in)] or [method.resolve({})]
-    if space.strategy in ("grid", "per_task"):
-        for hp in tqdm(points, desc=f"search[{space.name}]", leave=False, disable=len(points) < 2):
-            val(hp)
-    if space.strategy == "per_task":
-        if method.output != "per_task":
-            raise ValueError(f"strategy=per_task selects one point per task and needs a per-task method, "
-                             f"not {space.method!r}")
-        choice = {}
-        for task in ctx.evaluator.tasks:
-            task_score = lambda hp, task=task: next(float(r["accuracy"]) for r in val(hp) if r["task"] == task)  # noqa: E731
-            choice[task] = _first_best(points, task_score)
-        test_rows = []
-        for hp in {hparams_key(h): h for h in choice.values()}.values():
-            test_rows += val.test(hp, [t for t, h in choice.items() if h == hp])
-        val_rows = [next(r for r in val(choice[t]) if r["task"] == t) for t in ctx.evaluator.tasks]
-        return {"hparams": choice, "val": val.score_fn(val_rows), "test": val.score_fn(test_rows)}
-    if space.strategy == "greedy":
-        best = _greedy(space, method, val)
-    elif space.strategy == "grid":
-        best = _first_best(points, val.score)
-    else:
-        raise ValueError(f"unknown search strategy {space.strategy!r}; choose grid, greedy or per_task")
-    return {"hparams": best, "val": val.score(best), "test": val.score_fn(val.test(best))}
+    name = strategy_of(space, method)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown search strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](space, method, ctx, store)
 
 
 def write_baselines(ctx: SearchContext, store: ResultStore) -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from taskmerge.devices import module_device, to_device
 from taskmerge.stats.keys import fisher_block_key, fisher_key, gram_in_key, gram_out_key
 from taskmerge.stats.objectives import Batch, Objective
 
@@ -242,10 +243,12 @@ def collect_statistics(
     was_training = model.training
     model.eval()
     bar = tqdm(total=max_examples, desc="statistics", unit="ex", disable=not progress)
+    device = module_device(model)  # batches go where the model is
     try:
         for batch in batches:
             if examples >= max_examples:
                 break
+            batch = to_device(batch, device)
             size = _batch_size(batch)
             if examples + size > max_examples:
                 batch, size = _slice_batch(batch, 0, max_examples - examples), max_examples - examples

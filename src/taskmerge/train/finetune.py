@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from taskmerge.devices import module_device, to_device
 from taskmerge.evaluate.metrics import Split
 
 MODES = ("full", "lora", "ia3")
@@ -64,10 +65,12 @@ def finetune(model: nn.Module, train: Split, cfg: FinetuneConfig, progress: bool
     gen = torch.Generator().manual_seed(cfg.seed)
     losses: list[float] = []
     model.train()
+    device = module_device(model)  # batches go where the model is (the script's `device`)
     bar = tqdm(total=total, desc=f"finetune[{cfg.mode}]", disable=not progress, leave=False)
     while len(losses) < total:
         order = torch.randperm(len(train), generator=gen)
         for *inputs, labels in train.batches(cfg.batch_size, order):
+            inputs, labels = to_device(inputs, device), labels.to(device)
             loss = nn.functional.cross_entropy(model(*inputs), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()

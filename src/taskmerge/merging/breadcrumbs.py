@@ -1,0 +1,96 @@
+"""Model Breadcrumbs: drop each task vector's largest outliers and its small perturbations, then add.
+
+Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
+ECCV 2024; official code github.com/rezazzr/breadcrumbs (``TaskVectorMiddleKeep``); mergekit
+``sparsify.magnitude_outliers`` with ``merge_method: breadcrumbs``, which this module follows.
+
+Per task and per tensor of n entries (``scope="tensor"``; ``"row"``: per row of the last dimension,
+as the official code), ranking |τ_t| ascending (stable: ties by position):
+
+    keep = int(density · n),  top = int(γ · n),  bottom = n − keep − top
+    if bottom < 0:  top ← top + bottom, bottom ← 0        (the density wins over γ)
+    τ̂_t  = τ_t ⊙ [bottom ≤ rank(|τ_t|) < n − top]        (drop the top γ and the smallest)
+    θ    = θ0 + α Σ_t τ̂_t                                  (task arithmetic, mergekit's weight 1)
+
+density ≥ 1 keeps τ_t whole. With γ = 0 it is a magnitude top-k keeping int(density·n) entries.
+
+mergekit's git code (up to the snapshot read, a6e4028) keeps ``sorted_indices[bottom:-top]``, which
+is empty when top = int(γ·n) = 0: every tensor with γ·n < 1 (fewer than 100 entries at mergekit's
+γ = 0.01, e.g. small biases, and *every* tensor at γ = 0) loses its whole task vector and stays at
+θ0. That is an artefact of Python's ``-0`` slice, not the method: the official code keeps the
+top-k there, and the released mergekit 0.1.5 keeps ``sorted_indices[bottom:bottom + keep]``. We do
+the same by default; ``mergekit_empty_slice=True`` reproduces the git code's output.
+
+Arithmetic in float32 on ``device``; values come back in the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Sequence
+
+import torch
+
+from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.registry import Range, StateDict, register
+
+Fraction = Annotated[float, Range(0.0, 1.0)]
+
+
+def ascending_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every entry of each row by |x| ascending (stable sort: ties by position)."""
+    order = torch.sort(rows.abs(), dim=-1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(rows.shape[-1], device=rows.device).expand_as(order))
+    return ranks
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: str = "tensor",
+                     mergekit_empty_slice: bool = False) -> torch.Tensor:
+    """Boolean mask of the entries of ``tau`` that Breadcrumbs keeps (module docstring)."""
+    if scope not in ("tensor", "row"):
+        raise ValueError(f"breadcrumbs: scope={scope!r}: choose tensor or row")
+    if density >= 1 or tau.numel() == 0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    rows = tau.reshape(1, -1) if scope == "tensor" or tau.dim() == 0 else tau.reshape(-1, tau.shape[-1])
+    n = rows.shape[-1]
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    if top == 0 and mergekit_empty_slice:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    ranks = ascending_ranks(rows)
+    return ((ranks >= bottom) & (ranks < n - top)).reshape(tau.shape)
+
+
+@register("breadcrumbs", linear_in="scaling", memory="one key of every input (a sort per task); nothing across the model")
+def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
+                density: Fraction = 0.15,
+                gamma: Fraction = 0.006,
+                scaling: float = 0.2,
+                scope: Literal["tensor", "row"] = "tensor",
+                mergekit_empty_slice: bool = False,
+                device=None):
+    """Breadcrumbs: θ = θ0 + α Σ_t τ_t ⊙ m_t, m_t dropping the top γ and the bottom of |τ_t|.
+
+    Equations in the module docstring.
+
+    Hyperparameters (defaults: the official search's starting point {α 0.2, β 0.15, γ 0.006}):
+        density (β, default 0.15): share of each tensor's entries kept. The official Bayesian
+            search draws β ∈ U(0.05, 0.20) (``find_best_hyperparam.py``, ``middle_keep``);
+            mergekit's default is 1.0 (no sparsification).
+        gamma (γ, default 0.006): share of the largest-magnitude entries dropped; official search
+            γ ∈ U(0.001, 0.01); mergekit's default 0.01.
+        scaling (α, default 0.2): official search α ∈ U(0.01, 1). Linear in α; negative negates.
+        scope (default ``tensor``, mergekit): ranks over the whole tensor; ``row``: per row of the
+            last dimension (the official code's ``topk`` along ``dim=-1``; 0-D tensors kept whole).
+        mergekit_empty_slice (default False): True reproduces mergekit's git code dropping every
+            tensor with int(γ·n) = 0 (module docstring).
+
+    Deviations: ties in |τ| are broken by position (mergekit's unstable sort breaks them
+    arbitrarily); the official code's ``bottom < 0`` case (keep + top > n) keeps n − top entries,
+    mergekit's and ours keep ``keep`` entries.
+    """
+    for key, taus in task_stream(pretrained, finetuned, device)():
+        kept = [tau * breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice) for tau in taus]
+        yield key, Update(torch.stack(kept).sum(0), scaling)

@@ -1,0 +1,144 @@
+"""DELLA: Drop and rEscaLe via sampLing with mAgnitude (MagPrune), then elect and fuse.
+
+Deep, Bhardwaj, Poria, "DELLA-Merging: Reducing Interference in Model Merging through
+Magnitude-Based Sampling" (arXiv 2406.11617); official code github.com/declare-lab/della (a
+mergekit fork: ``sparsify.rank_magnitude``), upstream in mergekit as ``della``/``della_linear``
+(``sparsify.della_magprune``).
+
+Drop (MagPrune), per task and per row (dim 0; 0-/1-D tensors are one row) of n entries:
+
+    r_i  = rank of |τ_i| in its row, ascending, 0 … n−1 (stable)
+    p_i  = (p − ε) + 2ε · r_i / (n − 1)          keep probability in [p − ε, p + ε] (n = 1: p)
+    m_i  ~ Bernoulli(p_i),   τ̃_i = τ_i m_i / p_i = τ_i m_i / (1 − d_i),  d_i = 1 − p_i
+                                                   (``rescale="inverse_prob"``, DARE's rescale)
+
+Elect and fuse (mergekit's ``get_mask(method="sum")`` and GTA):
+
+    γ    = +1 where Σ_t τ̃_t ≥ 0, else −1         (no zero sign: a zero sum elects +)
+    τ_m  = Σ_t τ̃_t [sign τ̃_t = γ] / #{t : sign τ̃_t = γ}   (``normalize``; divisor 0 → 1)
+    θ    = θ0 + λ τ_m
+    elect=False: τ_m = Σ_t τ̃_t, divided by T when ``normalize`` (mergekit's weights sum).
+
+Seeded sampling, and how ε = 0 is DARE exactly. The official code draws ``torch.bernoulli(p)`` from
+the global RNG in mergekit's tensor order, which no seed here can replay. We draw from private
+generators in DARE's official call order: m_t = b_t ∨ e_t, with b_t ~ Bernoulli(p − ε) the DARE
+mask of ``primitives.dare_rng_states`` (seed once, tasks in order, tensor names sorted, drop rate
+1 − (p − ε)) and e_t ~ Bernoulli((p_i − (p − ε)) / (1 − (p − ε))) drawn from a generator seeded
+per (seed, task, name). Then P(m_i = 1) = p_i exactly, entries stay independent, and at ε = 0
+(e_t ≡ 0, p_i = p) the masks, the rescale and the sum are those of
+``dare(drop_rate=1−p, base=task_arithmetic, seed=seed)``: ``della(ε=0, elect=False,
+normalize=False)`` equals it bit for bit. The global RNG is never touched.
+
+Arithmetic in float32 (probabilities in float64) on ``device``; values come back in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Annotated, Literal, Sequence
+
+import torch
+
+from taskmerge.merging.breadcrumbs import ascending_ranks
+from taskmerge.merging.inputs import float_keys, shape_of, task_stream
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.primitives import dare_mask, dare_rng_states, disjoint_merge, stream_cache_bytes
+from taskmerge.merging.registry import Range, StateDict, register
+
+
+def magprune_probs(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities p_i (float64, τ's shape) ranked by magnitude within each row."""
+    rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
+    n = rows.shape[-1]
+    if n < 2:
+        unit = torch.full(rows.shape, 0.5, dtype=torch.float64, device=tau.device)
+    else:
+        unit = ascending_ranks(rows).to(torch.float64) / (n - 1)
+    return ((density - epsilon) + unit * (2 * epsilon)).reshape(tau.shape)
+
+
+def _extra_generator(seed: int, task: int, key: str) -> torch.Generator:
+    salt = zlib.crc32(f"della/{task}/{key}".encode())
+    return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))
+
+
+def magprune(tau: torch.Tensor, probs: torch.Tensor, base_mask: torch.Tensor, floor: float, extra: torch.Generator,
+             rescale: str) -> torch.Tensor:
+    """τ̃ of one task tensor: keep ``base_mask`` ∨ extra draws (total P = probs), then rescale."""
+    keep = base_mask.to(tau.device).bool()
+    if bool((probs > floor).any()):
+        lift = ((probs - floor) / (1 - floor)).clamp(0, 1).to(torch.float32).cpu()
+        keep = keep | torch.bernoulli(lift, generator=extra).bool().to(tau.device)
+    masked = tau * keep
+    if rescale == "inverse_prob":
+        return masked * (1 / (1 - (1 - probs))).to(torch.float32)
+    if rescale == "l1":  # mergekit ≥ 0.1: match the L1 norm of the unpruned tensor
+        before, after = tau.abs().sum(), masked.abs().sum()
+        return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+    if rescale == "none":
+        return masked
+    raise ValueError(f"della: rescale={rescale!r}: choose inverse_prob, l1 or none")
+
+
+def della_fuse(stack: torch.Tensor, elect: bool, normalize: bool) -> torch.Tensor:
+    """τ_m from the [T, …] stack of pruned task vectors (elect and fuse, module docstring)."""
+    if not elect:
+        total = stack.sum(0)
+        return total / stack.shape[0] if normalize else total
+    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0).to(stack.dtype)
+    return disjoint_merge(stack, sign, "mean" if normalize else "sum")
+
+
+@register("della", linear_in="scaling",
+          memory="one key of every input (whole tensors: masks in DARE's RNG order); the base masks are kept "
+                 "when they total <= 1 GiB of task vectors, else regenerated from saved generator states")
+def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
+          density: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.7,
+          epsilon: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.07,
+          scaling: float = 1.1,
+          elect: bool = True,
+          normalize: bool = True,
+          rescale: Literal["inverse_prob", "l1", "none"] = "inverse_prob",
+          seed: int = 42,
+          device=None):
+    """DELLA: MagPrune every task vector, elect signs, fuse, θ = θ0 + λ τ_m (module docstring).
+
+    Hyperparameters (defaults: the official README's example run, ``--drop_rate 0.3
+    --window_size 0.14 --lambda_factor 1.1 --weights 1 --rescale 1 --seed 42``):
+        density (p, 0.7): mean keep probability (official ``1 − drop_rate``; mergekit ``density``).
+            density = 1 keeps every τ whole (mergekit).
+        epsilon (ε, 0.07): half the probability window (official ``window_size / 2``; mergekit's
+            default 0.15). Needs p − ε > 0 and p + ε < 1 (mergekit's check).
+        scaling (λ, 1.1): multiplies the fused vector (official ``lambda``). Linear in λ.
+        elect (True): sign election (``della``); False is mergekit's ``della_linear``.
+        normalize (True): divide by the agreeing count (by T without election); mergekit's default
+            is True for ``della``, False for ``della_linear``.
+        rescale (``inverse_prob``): 1/p_i, the paper's and the official code's DARE rescale;
+            ``l1``: current mergekit (match ‖τ‖₁); ``none``.
+        seed (42, the official default): seeds the private generators (module docstring).
+
+    Deviations: the sampling stream (module docstring); for tensors of more than 2 dimensions rows
+    are dim 0 with the other dimensions flattened (mergekit ranks along dim 1 only); a row of one
+    entry gets p (mergekit divides 0 by 0 there).
+    """
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        raise ValueError(f"della: density ± epsilon = {density} ± {epsilon} must lie in (0, 1)")
+    floor = density - epsilon
+    keys = float_keys(pretrained)
+    shapes = {key: shape_of(pretrained, key) for key in keys}
+    num_tasks = len(finetuned)
+    stream = task_stream(pretrained, finetuned, device)
+    if density >= 1:
+        for key, taus in stream():
+            yield key, Update(della_fuse(torch.stack(taus), elect, normalize), scaling)
+        return
+    nbytes = 4 * num_tasks * sum(math.prod(shape) for shape in shapes.values())
+    kept = [] if nbytes <= stream_cache_bytes() else None
+    states = dare_rng_states(shapes, num_tasks, 1 - floor, seed, masks=kept)
+    for key, taus in stream():
+        pruned = []
+        for t, tau in enumerate(taus):
+            base = kept[t][key] if kept is not None else dare_mask(tau.shape, 1 - floor, states[t][key])
+            probs = magprune_probs(tau, density, epsilon)
+            pruned.append(magprune(tau, probs, base, floor, _extra_generator(seed, t, key), rescale))
+        yield key, Update(della_fuse(torch.stack(pruned), elect, normalize), scaling)

@@ -1,0 +1,82 @@
+"""Model Stock: interpolate the average of the fine-tuned models back toward θ0, per tensor.
+
+Jang, Yun, Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024; as
+implemented by mergekit (``mergekit/merge_methods/model_stock.py``), which this module follows.
+FusionBench (``fusion_bench/method/model_stock``) differs only in how it averages the angle.
+
+For each floating tensor, with τ_t = θ_t − θ0 flattened (or per row, ``filter_wise``) and K = T ≥ 2:
+
+    cos θ_ij = ⟨τ_i, τ_j⟩ / max(‖τ_i‖ ‖τ_j‖, 1e-6), clamped to [−1, 1]   (every pair i < j)
+    cos θ    = mean_{i<j} cos θ_ij                       (``average="cosine"``, mergekit)
+             = cos(mean_{i<j} arccos cos θ_ij)           (``average="angle"``, FusionBench)
+    t        = K cos θ / ((K − 1) cos θ + 1)
+    θ        = t · (1/K) Σ_t θ_t + (1 − t) · θ0 = θ0 + t · τ̄
+
+The two averages differ by ~1e-4 in t on real checkpoints. t is not clipped: a tensor whose task
+vectors point in conflicting directions (cos θ < 0) gets t < 0, i.e. is pushed *away* from the
+average, as in both reference implementations. Where |(K − 1) cos θ + 1| < 1e-6 (cos θ ≈ −1/(K−1),
+t would be unbounded) t = 0, as the released mergekit 0.1.5 does; the older mergekit code divides
+anyway and FusionBench adds 1e-8 to the denominator. A tensor no task changed (τ = 0) has cos θ = 0,
+t = 0: it stays θ0. Identical fine-tuned models have cos θ = 1, t = 1: the merge is that model.
+
+Arithmetic in float32 on ``device``; values come back in the input dtype. No hyperparameter to
+search. Integer buffers are copied from θ0.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.iso_c import mean_task_vector
+from taskmerge.merging.outputs import Update
+from taskmerge.merging.registry import StateDict, register
+
+
+def stock_ratio(taus: Sequence[torch.Tensor], average: str = "cosine", filter_wise: bool = False) -> torch.Tensor:
+    """t of one tensor (shape [] or, ``filter_wise``, one per row broadcastable to τ)."""
+    if average not in ("cosine", "angle"):
+        raise ValueError(f"model_stock: average={average!r}: choose cosine or angle")
+    if filter_wise:
+        rows = [tau.reshape(1, -1) if tau.dim() < 2 else tau for tau in taus]
+    else:
+        rows = [tau.reshape(-1) for tau in taus]
+    cosines = []
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            norms = rows[i].norm(dim=-1) * rows[j].norm(dim=-1)
+            cosines.append(((rows[i] * rows[j]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    stacked = torch.stack(cosines)
+    cos = stacked.mean(0) if average == "cosine" else torch.cos(torch.arccos(stacked).mean(0))
+    k = len(taus)
+    denominator = (k - 1) * cos + 1
+    singular = denominator.abs() < 1e-6  # mergekit 0.1.5: no finite estimate there, keep θ0 (t = 0)
+    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
+    if filter_wise:
+        return t.unsqueeze(-1) if taus[0].dim() >= 2 else t.reshape(())  # 0-/1-D: one row
+    return t
+
+
+@register("model_stock", memory="one key of every input; nothing across the model")
+def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict], *,
+                average: Literal["cosine", "angle"] = "cosine",
+                filter_wise: bool = False,
+                device=None):
+    """Model Stock per tensor: θ = θ0 + t · τ̄, t = K cos θ / ((K−1) cos θ + 1) (module docstring).
+
+    Hyperparameters (none is searched; the method has no scaling):
+        average (default ``cosine``): ``cosine`` averages the pairwise cosines (mergekit);
+            ``angle`` averages the pairwise angles and takes their cosine (FusionBench; it also
+            adds 1e-8 to two denominators, which we do not).
+        filter_wise (default False, mergekit's option): one t per row (last dimension; 1-D tensors
+            are one row) instead of one per tensor.
+
+    Needs at least two fine-tuned models (the angle is between task vectors), as both references.
+    Deviations: none from mergekit's math (θ0 + t·τ̄ is its t·w_avg + (1−t)·w0 rearranged, in float32).
+    """
+    if len(finetuned) < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned models (got {len(finetuned)}): "
+                         f"t comes from the angle between task vectors")
+    for key, taus in task_stream(pretrained, finetuned, device)():
+        yield key, Update(stock_ratio(taus, average, filter_wise) * mean_task_vector(taus), 1.0)
