@@ -40,9 +40,10 @@ def macro_f1(model: torch.nn.Module, data: Split, batch_size: int = 64) -> float
     """Macro-averaged F1 over the classes present in the labels or the predictions (sklearn's
     ``f1_score(average="macro")`` with ``zero_division=0``): mean over classes of 2·TP / (2·TP + FP + FN)."""
     model.eval()
+    device = module_device(model)
     preds, gold = [], []
     for *inputs, labels in data.batches(batch_size):
-        preds.append(model(*inputs).argmax(-1).cpu())
+        preds.append(model(*to_device(inputs, device)).argmax(-1).cpu())
         gold.append(torch.as_tensor(labels).cpu())
     if not preds:
         return 0.0

