@@ -244,3 +244,34 @@ def synthetic_task(name: str, num_classes: int, image_size: int, sizes: dict[str
 
 def num_steps(epochs: float, n_train: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs * n_train / batch_size))
+
+
+# ---------------------------------------------------------------- declared image tasks
+class _DeclaredImages(torch.utils.data.Dataset):
+    """``(image, label)`` of a declared image task's split: file paths opened on access, or images."""
+
+    def __init__(self, items: Sequence, labels: Sequence[int]):
+        self.items, self.targets = list(items), list(labels)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        item = self.items[i]
+        if isinstance(item, (str, Path)):
+            with Image.open(item) as im:
+                item = im.convert("RGB")
+        elif isinstance(item, dict) and item.get("bytes") is not None:  # a datasets Image feature, undecoded
+            import io
+
+            item = Image.open(io.BytesIO(item["bytes"])).convert("RGB")
+        return item, self.targets[i]
+
+
+def declared_task(task, transform: Callable | None = None, num_workers: int = 0) -> VisionTask:
+    """A ``VisionTask`` from a declared image task (``data.declared.TaskData``): class names = its label
+    names, prompts = its ``templates`` (default ``a photo of a {c}.``)."""
+    splits = {s: ImageSplit(_DeclaredImages(*task.splits[s]), None, transform, num_workers) for s in task.splits}
+    return VisionTask(task.name, list(task.labels), list(task.templates), splits)

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from taskmerge.data import vision as vdata
 from taskmerge.devices import config_device
 from taskmerge.evaluate.joint import JointLabels, joint_topk
-from taskmerge.evaluate.metrics import accuracy
+from taskmerge.data import declared
+from taskmerge.evaluate.metrics import score
 from taskmerge.experiments import runner
 from taskmerge.experiments.runner import Adapter, repo_path
 from taskmerge.io.load import load_model
@@ -34,10 +35,19 @@ from taskmerge.train.finetune import wrap_encoder
 
 
 def task_names(cfg: DictConfig) -> list[str]:
-    names = list(cfg.tasks.names)
+    names = list(cfg.tasks.names) if cfg.tasks.get("names") else \
+        [n for d in declarations(cfg) for n in declared.read_declarations(d)]
     if cfg.get("order_seed") is not None:  # OPCM: a random task order per seed (10 seeds in the paper)
         random.Random(int(cfg.order_seed)).shuffle(names)
     return names
+
+
+def declarations(cfg: DictConfig) -> list[Path]:
+    """``tasks.declared`` (``tasks.source=declared``): files or folders declaring image tasks."""
+    d = cfg.tasks.get("declared")
+    if not d:
+        raise declared.DeclarationError("tasks.source=declared needs tasks.declared=<YAML file or folder>")
+    return [repo_path(str(p)) for p in ([d] if isinstance(d, str) else d)]
 
 
 @dataclass(eq=False)
@@ -47,6 +57,7 @@ class VisionSuite(Adapter):
     family: ClipFamily = None
     data: dict = field(default_factory=dict)  # name -> VisionTask
     heads: dict = field(default_factory=dict)
+    declared: dict = field(default_factory=dict)  # name -> data.declared.TaskData (tasks.source=declared)
     joint_test: dict = field(default_factory=dict)  # joint setting: every top-k at each selection
 
     @property
@@ -71,7 +82,8 @@ class VisionSuite(Adapter):
         config, the model and the task list (or imported: ``finetuned.pattern``)."""
         c = self.cfg
         out = self.make_checkpoints(self.root / c.finetune.mode, lambda task: {
-            "finetune": vars(self.finetune_config(task)), "model": c.model.name, "tasks": c.tasks.name})
+            "finetune": vars(self.finetune_config(task)), "model": c.model.name, "tasks": c.tasks.name,
+            **({"data": self.declared[task].fingerprint} if task in self.declared else {})})
         out.writer = self.accelerator is None or self.accelerator.is_main_process
         return out
 
@@ -82,8 +94,19 @@ class VisionSuite(Adapter):
         self.family = ClipFamily.build(m.backend, arch, m.name, seed=self.cfg.seed, path=m.get("path"),
                                        text_leftovers=m.get("text_leftovers", True)).to(device)
         t = self.cfg.tasks
+        if t.source == "declared":  # every declared task is checked before anything is written
+            names = list(t.names) if t.get("names") else None
+            self.declared = declared.resolve_tasks(names, declarations(self.cfg), repo_path(t.get("data", ".data")),
+                                                   seed=self.cfg.data_seed)
+            texts = [n for n, d in self.declared.items() if d.kind != "image"]
+            if texts:
+                raise declared.DeclarationError(f"task {texts[0]!r} is a text task: run it with "
+                                                "eval_scripts/run_suite.py (tasks=own)")
         for name in self.tasks:
-            if t.source == "synthetic":
+            if t.source == "declared":
+                task = vdata.declared_task(self.declared[name], vdata.clip_transform(self.family.image_size),
+                                           t.get("num_workers", 0))
+            elif t.source == "synthetic":
                 sizes = {"train": t.train, "validation": t.validation, "test": t.test}
                 task = vdata.synthetic_task(name, int(t.num_classes[name]), self.family.image_size, sizes,
                                             seed=self.cfg.data_seed)
@@ -100,7 +123,12 @@ class VisionSuite(Adapter):
         imported = self.cfg.finetuned.get("heads")
         if imported:
             return load_head(Path(imported.format(task=task.name)))
-        return self.family.head(self.root / "heads" / f"{task.name}.safetensors", task.classnames, task.templates)
+        d = self.declared.get(task.name)
+        name = task.name if d is None else f"{task.name}-{d.fingerprint}"  # a declared task's head: its labels
+        return self.family.head(self.root / "heads" / f"{name}.safetensors", task.classnames, task.templates)
+
+    def metric(self, task: str) -> str:
+        return self.declared[task].metric if task in self.declared else "accuracy"
 
     def classifier(self, encoder, task: str):
         return self.family.classifier(encoder, self.heads[task])
@@ -136,7 +164,8 @@ class VisionSuite(Adapter):
         bs = self.cfg.model.eval_batch_size
         model = self.classifier(encoder, task)
         meta = {"suite": self.cfg.suite, "model": self.cfg.model.name, "steps": fc.steps, "final_loss": losses[-1],
-                **{f"{s}_accuracy": accuracy(model, self.data[task].splits[s], bs) for s in runner.SPLITS}}
+                **{f"{s}_accuracy": score(model, self.data[task].splits[s], bs, self.metric(task))
+                   for s in runner.SPLITS}}
         if fc.mode == "full":
             save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
                       str(folder / "model.safetensors"))
@@ -200,7 +229,8 @@ class VisionEvaluator:
 
     def evaluate(self, state, task: str, split: str) -> float:
         model = self.suite.classifier(self.load(state), task)
-        return accuracy(model, self.suite.data[task].splits[split], self.suite.cfg.model.eval_batch_size)
+        return score(model, self.suite.data[task].splits[split], self.suite.cfg.model.eval_batch_size,
+                     self.suite.metric(task))
 
 
 class JointEvaluator(VisionEvaluator):
