@@ -1,6 +1,7 @@
 """The ``taskmerge`` command line: thin argument parsing over the library.
 
-Subcommands: ``merge`` (taskmerge.merge_files), ``methods`` (taskmerge.merging registry),
+Subcommands: ``merge`` (taskmerge.merge_files), ``eval`` (score merged models on declared tasks,
+taskmerge.experiments.evaluate_merged), ``methods`` (taskmerge.merging registry),
 ``stats`` (embedded-default statistics), ``results`` (gather CSVs), ``report`` (tables and plots).
 Errors are one line on stderr and exit code 2; ``TASKMERGE_DEBUG=1`` shows the traceback.
 """
@@ -208,6 +209,63 @@ def _run_stats(args) -> int:
     return 0
 
 
+EVAL_EXAMPLE = """example (Hydra overrides of configs/suite.yaml, or of configs/vision.yaml with --setting vision):
+  taskmerge merge ties --pretrained base/ --finetuned a/ b/ -p k=20 --output merged/
+  taskmerge eval merged/ --name ties_k20 -p k=20 tasks=own tasks.declared=my_tasks.yaml model.path=base/ \\
+      finetuned.pattern=ckpt/{task}      # the references: the same fine-tuned checkpoints (imported here)
+  taskmerge eval merged.safetensors      # the demo's tasks and checkpoints (configs/suite.yaml)
+Rows are appended to results/<experiment>.csv (or --csv) beside the search's, then the report is rewritten."""
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate merged models on the configured (declared) tasks, rows into a results CSV",
+                       description="Evaluate merged models with the search's protocol (validation and test rows, "
+                                   "normalized by the same fine-tuned checkpoints).",
+                       epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="+", metavar="OUTPUT|KEY=VALUE",
+                   help="merged models (a .safetensors file, an HF folder, a folder of task_<i>.safetensors) "
+                        "followed by Hydra overrides")
+    p.add_argument("--setting", choices=["suite", "vision"], default="suite",
+                   help="suite: text tasks (configs/suite.yaml); vision: image tasks (configs/vision.yaml)")
+    p.add_argument("--name", help="the CSV's method column (default eval:<file name>)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="hyperparameters to record in the rows (e.g. those given to taskmerge merge)")
+    p.add_argument("--csv", help="results CSV (default results/<experiment>.csv, the search's)")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import logging
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from taskmerge.experiments.evaluate_merged import evaluate_outputs
+    from taskmerge.experiments.runner import REPO
+    from taskmerge.merge_files import parse_hparams
+
+    outputs = [a for a in args.args if "=" not in a or Path(a).exists()]
+    overrides = [a for a in args.args if a not in outputs]
+    if not outputs:
+        raise ValueError("give at least one merged model (file or folder) before the overrides")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(args.setting if args.setting == "vision" else "suite", overrides=overrides)
+    if args.setting == "vision":
+        from taskmerge.experiments.vision import VisionSuite as Family
+    else:
+        from taskmerge.experiments.text_suite import TextSuite as Family
+    import yaml
+
+    hparams = {k: yaml.safe_load(v) for k, v in parse_hparams(args.param).items()}
+    out = evaluate_outputs(Family(cfg), outputs, name=args.name, hparams=hparams,
+                           csv=Path(args.csv) if args.csv else None)
+    for (method, split), accs in out["scores"].items():
+        print(f"{method:24s} {split:10s} " + "  ".join(f"{t} {a:.3f}" for t, a in accs.items()))
+    print(f"{out['rows']} rows -> {out['csv']}" + (f"\ntable: {out['table']}" if "table" in out else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskmerge", description="Model merging with task vectors.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -216,11 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats(sub)
     _add_results(sub)
     _add_report(sub)
+    _add_eval(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "eval":  # outputs and overrides may come after the options
+        args.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,6 +42,7 @@ from taskmerge.merging.selection import tensor_kinds
 from taskmerge.report import write_report
 from taskmerge.search.common import Evaluator, Profile, SearchContext
 from taskmerge.search.engine import search_method, write_baselines
+from taskmerge.provenance import write_json_atomic
 from taskmerge.search.spaces import spaces_from_config, validate_spaces
 from taskmerge.search.store import ResultStore, experiment_identity
 from taskmerge.train.checkpoints import TaskCheckpoints
@@ -223,11 +225,36 @@ def references(evaluator: Evaluator, tasks: Sequence[str], pretrained: dict, fin
     return refs
 
 
-def run(adapter: Adapter) -> dict:
-    """Every configured method of the adapter's setting, end to end (see the module docstring)."""
+@dataclass
+class Session:
+    """A prepared experiment: states, evaluator, the result store with its baseline rows, the search context."""
+
+    pretrained: dict
+    finetuned: list[dict]
+    evaluator: Evaluator
+    store: ResultStore
+    ctx: SearchContext
+    context: "MethodContext"
+    profile: Profile
+
+
+def record_checkpoints(path: Path, ident: str, checkpoints: TaskCheckpoints, tasks: Sequence[str]) -> Path:
+    """``<results>.checkpoints.json``: for each ``checkpoints`` id of the CSV's rows, every task's
+    weights (``source``, sha256 of the files: ``weights``, and ``fingerprint``, ``import:…`` when imported)."""
+    side = path.with_name(path.stem + ".checkpoints.json")
+    known = json.loads(side.read_text()) if side.exists() else {}
+    entry = {t: {"source": str(checkpoints.source(t)), "fingerprint": checkpoints.identity(t)[0],
+                 "weights": checkpoints.identity(t)[1]} for t in tasks}
+    if known.get(ident) != entry:
+        known[ident] = entry
+        write_json_atomic(side, known)
+    return side
+
+
+def session(adapter: Adapter, csv: Path | None = None) -> Session:
+    """Prepare (fine-tune, reuse or import every checkpoint), load the states, check imported ones
+    against θ0, open the result store (``csv``, default :func:`results_csv`), write the baselines."""
     cfg = adapter.cfg
-    validate_spaces(cfg, "lora" in adapter.inputs, results_csv(cfg))  # the whole search, before any work
-    t_start = time.perf_counter()
     prepare(adapter)
     checkpoints = adapter.checkpoints
     t_other = time.perf_counter()
@@ -240,13 +267,26 @@ def run(adapter: Adapter) -> dict:
                      checkpoints.identity(t)[1][:16], norms["task_vector_norm"])
     evaluator = adapter.evaluator()
     ident = checkpoints.checkpoints_id(adapter.tasks, adapter.identity_extra())
-    store = ResultStore(results_csv(cfg), experiment_identity(cfg))
+    store = ResultStore(csv or results_csv(cfg), experiment_identity(cfg))
+    record_checkpoints(store.path, ident, checkpoints, adapter.tasks)
     refs = references(evaluator, adapter.tasks, pretrained, finetuned, store, ident, cfg.seed)
     profile = Profile(prepare=time.perf_counter() - t_other)
     context = MethodContext(adapter, pretrained, finetuned, profile)
     ctx = SearchContext(cfg.experiment, pretrained, finetuned, evaluator, refs, ident, cfg.seed,
                         method_context=context, profile=profile)
     write_baselines(ctx, store)
+    return Session(pretrained, finetuned, evaluator, store, ctx, context, profile)
+
+
+def run(adapter: Adapter) -> dict:
+    """Every configured method of the adapter's setting, end to end (see the module docstring)."""
+    cfg = adapter.cfg
+    validate_spaces(cfg, "lora" in adapter.inputs, results_csv(cfg))  # the whole search, before any work
+    t_start = time.perf_counter()
+    ses = session(adapter)
+    pretrained, finetuned, store, ctx, context, profile = (ses.pretrained, ses.finetuned, ses.store, ses.ctx,
+                                                           ses.context, ses.profile)
+    ident = ctx.checkpoints
     selected, skipped = {}, {}
     t_loop, before = time.perf_counter(), profile.merge + profile.evaluate + profile.prepare
     for space in spaces_from_config(cfg.methods, cfg.search):
