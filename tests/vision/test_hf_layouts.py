@@ -28,6 +28,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     fam = ClipFamily.build("hf", "tiny", "tiny_hf", seed=0)  # what model=tiny_hf builds
     pre = fam.encoder_state()
+    fam.clip.save_pretrained(root / "theta0")  # θ0, given explicitly with the imported checkpoints (model.path)
     expected = {}
     for i, task in enumerate(TASKS):
         g = torch.Generator().manual_seed(i)
@@ -58,7 +59,7 @@ def test_finetuned_states_in_either_layout(folders, tmp_path, layout):
     from taskmerge.experiments.vision import VisionSuite
 
     root, pre, expected = folders
-    suite = VisionSuite(_cfg(tmp_path, f"finetuned.pattern='{root}/{layout}/{{task}}'")).load()
+    suite = VisionSuite(_cfg(tmp_path, f"finetuned.pattern='{root}/{layout}/{{task}}'", f"model.path={root}/theta0")).load()
     states = suite.finetuned_states()
     for task, sd in zip(suite.names, states):
         assert list(sd) == list(pre)
@@ -72,7 +73,7 @@ def test_search_rows_identical_across_layouts(folders, tmp_path):
     root, _, _ = folders
     rows = {}
     for layout in ("t4", "t5"):
-        out = run(_cfg(tmp_path / layout, f"finetuned.pattern='{root}/{layout}/{{task}}'"))
+        out = run(_cfg(tmp_path / layout, f"finetuned.pattern='{root}/{layout}/{{task}}'", f"model.path={root}/theta0"))
         df = pd.read_csv(out["csv"])
         rows[layout] = df[df.method != "pretrained"].sort_values(["method", "split", "task"])[
             ["method", "split", "task", "accuracy"]].reset_index(drop=True)
@@ -80,14 +81,16 @@ def test_search_rows_identical_across_layouts(folders, tmp_path):
     assert set(rows["t5"].method) == {"finetuned", "task_arithmetic"}
 
 
-def test_unrelated_folder_is_refused_by_name(tmp_path):
+def test_unrelated_folder_is_refused_by_name(folders, tmp_path):
     from taskmerge.experiments.vision import run
+
+    theta0 = folders[0] / "theta0"
 
     for task in TASKS:
         (tmp_path / "bad" / task).mkdir(parents=True)
         save_file({"foo.weight": torch.zeros(2, 2)}, str(tmp_path / "bad" / task / "model.safetensors"))
     with pytest.raises(ValueError) as e:
-        run(_cfg(tmp_path, f"finetuned.pattern='{tmp_path}/bad/{{task}}'"))
+        run(_cfg(tmp_path, f"finetuned.pattern='{tmp_path}/bad/{{task}}'", f"model.path={theta0}"))
     assert str(tmp_path / "bad") in str(e.value) and "lacks encoder tensors" in str(e.value)
     assert not (tmp_path / "res").exists() or not list((tmp_path / "res").rglob("*.csv"))
 
