@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 HYDRA_SCRIPTS = {  # script -> (config dir, default config name)
     "finetune.py": ("configs", "suite"), "run_suite.py": ("configs", "suite"), "compute_stats.py": ("configs", "suite"),
-    "run_vision.py": ("configs/vision", "vision"), "finetune_vision.py": ("configs/vision", "vision"),
+    "run_vision.py": ("configs", "vision"), "finetune_vision.py": ("configs", "vision"),
     "run_language.py": ("configs", "language_mats"),
 }
 PLACEHOLDERS = {"tallN": "tall8"}
@@ -77,8 +77,7 @@ def _top_level_names() -> set[str]:
     import yaml
 
     names = {"hydra"}
-    for folder, files in (("configs", ["suite.yaml", "language_mats.yaml", "language_knots.yaml"]),
-                          ("configs/vision", ["vision.yaml"])):
+    for folder, files in (("configs", ["suite.yaml", "vision.yaml", "language_mats.yaml", "language_knots.yaml"]),):
         names |= {p.name for p in (REPO / folder).iterdir() if p.is_dir()}
         for f in files:
             names |= set(yaml.safe_load((REPO / folder / f).read_text()))

@@ -10,7 +10,7 @@ from taskmerge.models.clip import ClipFamily, align_vision_keys
 
 from tests.spine.helpers import CONFIGS
 
-TASKS = ["EuroSAT", "MNIST", "SVHN"]  # configs/vision/tasks/synthetic3.yaml
+TASKS = ["EuroSAT", "MNIST", "SVHN"]  # configs/tasks/synthetic3.yaml
 
 
 def _cfg(tmp_path, *overrides):
