@@ -39,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -186,8 +187,10 @@ def worker(spec: dict) -> dict:
     sys.path.insert(0, str(HERE))
     import peers_inputs as pi
 
+    if spec.get("layers"):
+        pi.SHAPES[spec["model"]] = {**pi.SHAPES[spec["model"]], "num_hidden_layers": spec["layers"]}
     row, method, peer = ROWS[spec["method"]], spec["method"], spec["peer"]
-    out = {k: spec[k] for k in ("peer", "method", "model", "tasks")}
+    out = {k: spec.get(k) for k in ("peer", "method", "model", "tasks", "layers")}
     if peer == "fusionbench":
         sys.path.insert(0, spec["peer_dir"])
         import peers_fusionbench as fbm
@@ -244,20 +247,23 @@ def _run_row(spec: dict, timeout: float, min_free_gib: float) -> dict:
     with tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
         proc = subprocess.Popen([sys.executable, __file__, "--_worker", json.dumps(spec)], stdout=so, stderr=se)
         start, peak, status = time.time(), 0.0, None
-        while proc.poll() is None:
-            time.sleep(0.25)
-            try:
-                peak = max(peak, psutil.Process(proc.pid).memory_info().rss / 2**30)
-            except psutil.Error:
-                pass
-            if time.time() - start > timeout:
-                status = f"stopped after {timeout:.0f} s"
-            elif psutil.virtual_memory().available / 2**30 < min_free_gib:
-                status = f"stopped: free RAM < {min_free_gib:g} GiB (worker RSS {peak:.1f} GiB)"
-            if status:
+        try:
+            while proc.poll() is None:
+                time.sleep(0.25)
+                try:
+                    peak = max(peak, psutil.Process(proc.pid).memory_info().rss / 2**30)
+                except psutil.Error:
+                    pass
+                if time.time() - start > timeout:
+                    status = f"stopped after {timeout:.0f} s"
+                elif psutil.virtual_memory().available / 2**30 < min_free_gib:
+                    status = f"stopped: free RAM < {min_free_gib:g} GiB (worker RSS {peak:.1f} GiB)"
+                if status:
+                    return {**spec, "status": status}
+        finally:
+            if proc.poll() is None:  # stopped, or the driver itself is interrupted: never leave a worker behind
                 proc.kill()
                 proc.wait()
-                return {**spec, "status": status}
         so.seek(0)
         se.seek(0)
         lines = so.read().strip().splitlines()
@@ -280,7 +286,8 @@ def _cell(res: dict | None) -> str:
 def table(results: list[dict], methods: list[str], models: list[str]) -> str:
     lines = []
     for model in models:
-        lines += [f"\n{model}, {results[0]['tasks'] if results else '?'} tasks\n",
+        layers = f", {results[0]['layers']} encoder layers" if results and results[0].get("layers") else ""
+        lines += [f"\n{model}{layers}, {results[0]['tasks'] if results else '?'} tasks\n",
                   "| method | FusionBench | taskmerge | taskmerge speed ÷ FusionBench | taskmerge output; + one key's task stack |",
                   "|---|---|---|---:|---|"]
         for method in methods:
@@ -314,6 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-dir", default=str(REPO / ".peers"), help="the pip --target folder holding FusionBench")
     ap.add_argument("--peer-only-rows", action="store_true", help="run FusionBench for methods taskmerge lacks")
     ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=0,
+                    help="build only this many encoder layers (every tensor keeps its shape; 0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch's default)")
     ap.add_argument("--stat-sets", type=int, help="distinct Fisher sets (default: 8 for B/32, 2 for L/14)")
@@ -327,6 +336,7 @@ def main(argv=None) -> int:
     if args._worker:
         print(json.dumps(worker(json.loads(args._worker))))
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that _run_row's finally stops the worker
     sys.path.insert(0, str(HERE))
     from peers_inputs import DEFAULT_STAT_SETS
 
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
         for i, method in enumerate(args.methods):
             order = args.peers if i % 2 == 0 else args.peers[::-1]
             for peer in order:
-                spec = dict(peer=peer, method=method, model=model, tasks=args.tasks, seed=args.seed,
+                spec = dict(peer=peer, method=method, model=model, tasks=args.tasks, seed=args.seed, layers=args.layers,
                             threads=args.threads, repeats=args.repeats, long=args.long, peer_dir=args.peer_dir,
                             stat_sets=args.stat_sets or DEFAULT_STAT_SETS.get(model, 8))
                 if peer == "fusionbench" and not fb_there:
