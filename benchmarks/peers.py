@@ -331,10 +331,17 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per row before it is stopped")
     ap.add_argument("--min-free-gib", type=float, default=1.5, help="stop a row when free RAM falls below this")
     ap.add_argument("--json", type=Path, help="append one JSON line per row here")
+    ap.add_argument("--table-from", nargs="+", type=Path, metavar="JSONL",
+                    help="print the table of rows saved with --json (runs nothing)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
         print(json.dumps(worker(json.loads(args._worker))))
+        return 0
+    if args.table_from:
+        rows = [json.loads(ln) for f in args.table_from for ln in f.read_text().splitlines() if ln.strip()]
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        print(table(rows, [m for m in ROWS if any(r["method"] == m for r in rows)], models))
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that _run_row's finally stops the worker
     sys.path.insert(0, str(HERE))

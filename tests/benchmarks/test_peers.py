@@ -60,6 +60,9 @@ def test_harness_runs_taskmerge_rows_and_skips_missing_peer(tmp_path, capsys):
     assert rows[0]["checksum"] == rows[3]["checksum"]  # both workers built the same inputs
     text = capsys.readouterr().out
     assert "| task_arithmetic (λ=0.3) | not installed" in text and "| ties (k=20, sum, λ=0.3) | not installed" in text
+    assert peers.main(["--table-from", str(out)]) == 0  # the table again, from the saved rows
+    again = capsys.readouterr().out
+    assert again.strip() and again.strip() in text
 
 
 @pytest.mark.parametrize("method", ["iso_c"])
