@@ -101,8 +101,6 @@ def test_plain_dicts_and_dropped_key_access():
     assert torch.equal(out.rows("ids", 1, 3), pre["ids"][1:3]) and torch.equal(out.rows("w", 0, 1), ft["w"][:1])
 
 
-@pytest.mark.xfail(strict=True, reason="merge_files does not call io.reconcile_buffers yet: the lead wires it "
-                                       "(then drop this mark)")
 def test_cli_merges_the_hub_folder_with_its_saved_copies(minilm, tmp_path, capsys):
     from taskmerge.cli import main
 
