@@ -35,6 +35,7 @@ def toy_max(pretrained, finetuned, *, scaling: float = 1.0, device=None, chunk_n
 '''
 CONFIG = """
 toy_max:
+  name: toy_max
   grid:
     scaling: [0.2, 0.4, 0.6]
 """

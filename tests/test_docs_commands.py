@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 HYDRA_SCRIPTS = {  # script -> (config dir, default config name)
     "finetune.py": ("configs", "suite"), "run_suite.py": ("configs", "suite"), "compute_stats.py": ("configs", "suite"),
-    "run_vision.py": ("configs/vision", "vision"), "finetune_vision.py": ("configs/vision", "vision"),
+    "run_vision.py": ("configs", "vision"), "finetune_vision.py": ("configs", "vision"),
     "run_language.py": ("configs", "language_mats"),
 }
 PLACEHOLDERS = {"tallN": "tall8"}
@@ -72,6 +72,26 @@ def _spans(text: str):
                 yield n, code.strip(), False
 
 
+def _top_level_names() -> set[str]:
+    """Top-level keys and group names of the script configs (what a bare override may start with)."""
+    import yaml
+
+    names = {"hydra"}
+    for folder, files in (("configs", ["suite.yaml", "vision.yaml", "language_mats.yaml", "language_knots.yaml"]),):
+        names |= {p.name for p in (REPO / folder).iterdir() if p.is_dir()}
+        for f in files:
+            names |= set(yaml.safe_load((REPO / folder / f).read_text()))
+    return names - {"defaults"}
+
+
+TOP_LEVEL = _top_level_names()
+
+
+def _config_key(token: str) -> bool:
+    key = token.lstrip("+~").split("=", 1)[0]
+    return re.split(r"[./]", key)[0] in TOP_LEVEL
+
+
 def _classify(tokens: list[str]) -> tuple[str, str | None, list[str]] | None:
     if not tokens:
         return None
@@ -92,7 +112,7 @@ def _classify(tokens: list[str]) -> tuple[str, str | None, list[str]] | None:
         return "hydra", name, tokens[1:]
     if name == "import_clip.py":
         return "import_clip", None, tokens[1:]
-    if all(OVERRIDE.match(t) for t in tokens):
+    if all(OVERRIDE.match(t) and _config_key(t) for t in tokens):
         return "overrides", None, tokens
     return None
 

@@ -45,7 +45,7 @@ def test_cuda_without_cuda_is_refused_before_anything_is_written(tmp_path, entry
             from taskmerge.experiments.vision import VisionSuite
             from tests.spine.helpers import CONFIGS
 
-            with initialize_config_dir(str(CONFIGS / "vision"), version_base="1.3"):
+            with initialize_config_dir(str(CONFIGS), version_base="1.3"):
                 cfg = compose("vision", overrides=[f"paths.checkpoints={tmp_path}/checkpoints", "device=cuda:1"])
             VisionSuite(cfg).load()
     assert str(e.value).startswith("device=cuda") and "CUDA is not available on this machine" in str(e.value)
@@ -142,8 +142,9 @@ def test_method_context_carries_the_device(tmp_path):
 
     class Suite:
         cfg = suite_config(tmp_path, *TINY, "device=cpu")
+        model = nn.Linear(2, 2)
 
-    ctx = MethodContext(Suite(), [], Profile())
+    ctx = MethodContext(Suite(), {}, [], Profile())
     assert ctx(get_method("task_arithmetic"))["device"] == torch.device("cpu")
     assert "device" in get_method("task_arithmetic").context
 

@@ -63,7 +63,7 @@ def test_legacy_csv_is_adopted(tmp_path):
 
 def test_run_suite_refuses_to_append_to_another_experiment(tmp_path, suite_dir):
     """The issue's case: two experiments under one ``experiment`` name (other tasks)."""
-    from taskmerge.experiments.runner import run
+    from taskmerge.experiments.text_suite import run
 
     first = run(suite_config(tmp_path, *TINY, "tasks.names=[sentiment_movies]"))
     before = first["csv"].read_bytes()

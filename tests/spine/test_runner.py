@@ -85,8 +85,12 @@ def test_runner_reuses_checkpoints_and_rows_and_skips_lora_methods(tmp_path, cap
     again = Toy(cfg(tmp_path, ["task_arithmetic", "knots"]))
     runner.run(again)
     assert again.trained == [] and len(pd.read_csv(out["csv"])) == len(df)  # nothing retrained or re-added
-    with pytest.raises(RuntimeError, match="force=true"):
+    with pytest.raises(ValueError, match="another experiment .*differ in lr"):  # its rows: refused first
         runner.run(Toy(cfg(tmp_path, ["task_arithmetic"], lr=2.0)))
+    other = cfg(tmp_path, ["task_arithmetic"], lr=2.0)
+    other.paths.results = str(tmp_path / "res2")
+    with pytest.raises(RuntimeError, match="force=true"):  # its checkpoints: trained with another config
+        runner.run(Toy(other))
     (tmp_path / "ck" / "b" / "metadata.json").unlink()  # a crash before metadata.json: b alone retrains
     third = Toy(cfg(tmp_path, ["task_arithmetic"]))
     runner.run(third)
@@ -102,8 +106,8 @@ def test_kinds_come_from_the_adapters_model(tmp_path):
     kinds = context(get_method("tsv_m"))["kinds"]
     assert kinds == tensor_kinds(pre, toy.net) == {"embed.weight": "linear"}  # module type, not the name
     assert context(get_method("average"))["kinds"] is kinds  # built once
-    assert context.missing(get_method("regmean")) and context.missing(get_method("knots"))
-    assert context.missing(get_method("tsv_m")) is None
+    assert runner.missing_inputs(toy, get_method("regmean")) and runner.missing_inputs(toy, get_method("knots"))
+    assert runner.missing_inputs(toy, get_method("tsv_m")) is None
 
 
 def test_strategies_are_one_table_and_import_without_a_cycle():

@@ -84,7 +84,7 @@ def _in_process(capsys, fn, cfg, *culprits):
 
 @pytest.mark.parametrize("name", ["../../heads/sentiment_movies.safetensors", "metadata.json"])
 def test_run_suite_names_a_broken_head_or_metadata(tmp_path, checkpoint, capsys, monkeypatch, name):
-    from taskmerge.experiments.runner import run
+    from taskmerge.experiments.text_suite import run
 
     monkeypatch.delenv("TASKMERGE_DEBUG", raising=False)
     target, overrides = _broken(tmp_path, checkpoint, name)

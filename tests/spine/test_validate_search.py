@@ -36,7 +36,7 @@ BAD_TEXT = [
 
 @pytest.mark.parametrize("overrides,culprits", BAD_TEXT, ids=[c[0] for _, c in BAD_TEXT])
 def test_text_runner_refuses_before_any_work(tmp_path, overrides, culprits):
-    from taskmerge.experiments.runner import run
+    from taskmerge.experiments.text_suite import run
 
     with pytest.raises(ValueError) as e:
         run(suite_config(tmp_path, *TINY, *overrides))
@@ -49,7 +49,7 @@ def test_text_runner_refuses_before_any_work(tmp_path, overrides, culprits):
 
 @CUDA
 def test_cuda_on_a_cpu_machine_is_the_cli_error(tmp_path):
-    from taskmerge.experiments.runner import run
+    from taskmerge.experiments.text_suite import run
 
     with pytest.raises(ValueError, match=r"^device=cuda: CUDA is not available on this machine$"):
         run(suite_config(tmp_path, *TINY, "device=cuda"))
@@ -58,20 +58,20 @@ def test_cuda_on_a_cpu_machine_is_the_cli_error(tmp_path):
 
 def test_the_issue_grid_fails_before_fine_tuning(tmp_path, monkeypatch):
     """``search.grid=[-0.5,0.3]`` with a method whose scaling must be >= 0: refused before any fine-tune."""
-    from taskmerge.experiments import runner
+    from taskmerge.experiments import runner, text_suite
     from taskmerge.merging import get_method
 
     method = next(m for m in ("ties", "task_arithmetic", "knots") if get_method(m).params["scaling"].range
                   is not None and get_method(m).params["scaling"].range.lo == 0.0)
-    monkeypatch.setattr(runner, "prepare", lambda cfg: pytest.fail("fine-tuning started"))
+    monkeypatch.setattr(runner, "prepare", lambda *a, **k: pytest.fail("fine-tuning started"))
     with pytest.raises(ValueError, match=rf"methods\.{method}: .*scaling.*-0\.5"):
-        runner.run(suite_config(tmp_path, *TINY, f"method=[{method}]", "search.grid=[-0.5,0.3]"))
+        text_suite.run(suite_config(tmp_path, *TINY, f"method=[{method}]", "search.grid=[-0.5,0.3]"))
     _nothing_written(tmp_path)
 
 
 def _vision(tmp_path, *overrides):
     base = [f"paths.checkpoints={tmp_path}/checkpoints", f"paths.results={tmp_path}/results", "report=false"]
-    with initialize_config_dir(str(CONFIGS / "vision"), version_base="1.3"):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return compose("vision", overrides=base + list(overrides))
 
 

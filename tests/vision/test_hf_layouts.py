@@ -10,13 +10,13 @@ from taskmerge.models.clip import ClipFamily, align_vision_keys
 
 from tests.spine.helpers import CONFIGS
 
-TASKS = ["EuroSAT", "MNIST", "SVHN"]  # configs/vision/tasks/synthetic3.yaml
+TASKS = ["EuroSAT", "MNIST", "SVHN"]  # configs/tasks/synthetic3.yaml
 
 
 def _cfg(tmp_path, *overrides):
     base = [f"paths.checkpoints={tmp_path}/ck", f"paths.results={tmp_path}/res", "report=false", "model=tiny_hf",
             "tasks.train=16", "tasks.validation=16", "tasks.test=16", "method=[task_arithmetic]", "search.grid=[0.5]"]
-    with initialize_config_dir(str(CONFIGS / "vision"), version_base="1.3"):
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return compose("vision", overrides=base + list(overrides))
 
 
@@ -60,8 +60,8 @@ def test_finetuned_states_in_either_layout(folders, tmp_path, layout):
 
     root, pre, expected = folders
     suite = VisionSuite(_cfg(tmp_path, f"finetuned.pattern='{root}/{layout}/{{task}}'", f"model.path={root}/theta0")).load()
-    states = suite.finetuned_states()
-    for task, sd in zip(suite.names, states):
+    states = [suite.finetuned_state(t, suite.checkpoints.source(t)) for t in suite.tasks]
+    for task, sd in zip(suite.tasks, states):
         assert list(sd) == list(pre)
         for k, v in expected[task].items():
             assert torch.equal(sd[k], v), (layout, task, k)

@@ -43,7 +43,7 @@ from taskmerge.report import write_report
 from taskmerge.search.common import Evaluator, Profile, SearchContext
 from taskmerge.search.engine import search_method, write_baselines
 from taskmerge.provenance import write_json_atomic
-from taskmerge.search.spaces import spaces_from_config, validate_spaces
+from taskmerge.search.spaces import validate_spaces
 from taskmerge.search.store import ResultStore, experiment_identity
 from taskmerge.train.checkpoints import TaskCheckpoints
 from taskmerge.train.imported import check_against_theta0, require_theta0
@@ -145,16 +145,6 @@ class MethodContext:
         self.adapter, self.pretrained, self.finetuned, self.profile = adapter, pretrained, finetuned, profile
         self._cache: dict = {}
 
-    def missing(self, method: Method) -> str | None:
-        """Why this setting cannot run ``method`` (the one policy), or None."""
-        have = self.adapter.inputs
-        if method.inputs == "lora" and "lora" not in have:
-            return (f"{method.name} merges LoRA factors and this setting's fine-tunes are not LoRA "
-                    f"(use a LoRA fine-tune, e.g. finetune=lora)")
-        if "stats" in method.context and "stats" not in have:
-            return f"{method.name} needs Fisher/Gram statistics, which this setting does not compute"
-        return None
-
     def __call__(self, method: Method) -> dict:
         out = {"kinds": self._get("kinds", lambda: tensor_kinds(self.pretrained, self.adapter.model)),
                "device": config_device(self.adapter.cfg)}
@@ -176,6 +166,17 @@ class MethodContext:
             self._cache[key] = build()
             self.profile.prepare += time.perf_counter() - t0
         return self._cache[key]
+
+
+def missing_inputs(adapter: Adapter, method: Method) -> str | None:
+    """Why this setting cannot run ``method`` (the one policy: such a method is skipped), or None."""
+    have = adapter.inputs
+    if method.inputs == "lora" and "lora" not in have:
+        return (f"{method.name} merges LoRA factors and this setting's fine-tunes are not LoRA "
+                f"(use a LoRA fine-tune, e.g. finetune=lora)")
+    if "stats" in method.context and "stats" not in have:
+        return f"{method.name} needs Fisher/Gram statistics, which this setting does not compute"
+    return None
 
 
 def results_csv(cfg: DictConfig) -> Path:
@@ -281,26 +282,25 @@ def session(adapter: Adapter, csv: Path | None = None) -> Session:
 def run(adapter: Adapter) -> dict:
     """Every configured method of the adapter's setting, end to end (see the module docstring)."""
     cfg = adapter.cfg
-    validate_spaces(cfg, "lora" in adapter.inputs, results_csv(cfg))  # the whole search, before any work
+    spaces = validate_spaces(cfg, results=results_csv(cfg))  # the whole search, before any work
+    skipped = {sp.name: r for sp in spaces if (r := missing_inputs(adapter, get_method(sp.method)))}
+    if len(skipped) == len(spaces):
+        raise ValueError("every configured method was skipped: " + "; ".join(f"methods.{n}: {r}" for n, r in skipped.items()))
     t_start = time.perf_counter()
     ses = session(adapter)
     pretrained, finetuned, store, ctx, context, profile = (ses.pretrained, ses.finetuned, ses.store, ses.ctx,
                                                            ses.context, ses.profile)
     ident = ctx.checkpoints
-    selected, skipped = {}, {}
+    selected = {}
     t_loop, before = time.perf_counter(), profile.merge + profile.evaluate + profile.prepare
-    for space in spaces_from_config(cfg.methods, cfg.search):
+    for space in spaces:
         method = get_method(space.method)
-        reason = context.missing(method)
-        if reason:
-            log.warning("skipping %s: %s", space.name, reason)
-            skipped[space.name] = reason
+        if space.name in skipped:
+            log.warning("skipping %s: %s", space.name, skipped[space.name])
             continue
         selected[space.name] = best = search_method(space, ctx, store)
         adapter.selected(space.name, best, lambda hp, m=method: m(pretrained, finetuned, hp, **context(m)))
         log.info("%s: selected %s (val %.3f, test %.3f)", space.name, best["hparams"], best["val"], best["test"])
-    if skipped and not selected:
-        raise ValueError("every configured method was skipped: " + "; ".join(skipped.values()))
     outputs = write_report(store.path) if cfg.get("report", True) else {}
     # other = everything in the search loop and the report that is neither merging, evaluating nor preparing
     profile.other += time.perf_counter() - t_loop - (profile.merge + profile.evaluate + profile.prepare - before)

@@ -10,7 +10,7 @@ describe the same model, and merging never touches integer buffers (they are cop
   θ0's names, so it would be dropped anyway).
 
 Floating tensors are never filled in or dropped: a missing weight is still the clear error of
-``merging.primitives.check_models``. Everything stays lazy: a ``LazyStateDict`` is wrapped, not read.
+``merging.inputs.check_models``. Everything stays lazy: a ``LazyStateDict`` is wrapped, not read.
 """
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ class BufferFilled(Mapping[str, torch.Tensor]):
         src = self._source(key)
         shape = getattr(src, "shape", None)
         return tuple(shape(key)) if callable(shape) else tuple(src[key].shape)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``key`` (read alone when the source can, as ``LazyStateDict``/``ShardedReader``)."""
+        src = self._source(key)
+        rows = getattr(src, "rows", None)
+        return rows(key, start, stop) if callable(rows) else src[key][start:stop]
 
     def __getattr__(self, name):  # metadata, source(), device … of the wrapped lazy state dict
         if name in ("sd", "pretrained", "filled", "dropped", "_keys"):

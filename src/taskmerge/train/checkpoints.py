@@ -35,7 +35,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
-from taskmerge.io.tensors import load_safetensors
+from taskmerge.io.tensors import ModelFileError, load_safetensors
 from taskmerge.provenance import file_hash, git_commit, package_versions, write_json_atomic
 from taskmerge.stats import load_statistics, save_statistics
 
@@ -58,7 +58,7 @@ def is_complete(path: Path) -> bool:
 def save_head(head: nn.Linear, path: Path, labels: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+    save_file({"weight": head.weight.detach().cpu().contiguous(), "bias": head.bias.detach().cpu().contiguous()},
               str(tmp), metadata={"labels": json.dumps(labels)})
     os.replace(tmp, path)
 
@@ -112,7 +112,11 @@ def load_metadata(path: Path) -> dict:
     if not meta.exists():
         raise FileNotFoundError(f"no complete checkpoint at {path} (metadata.json missing): "
                                 "run training_scripts/finetune.py for this task first")
-    return json.loads(meta.read_text())
+    try:
+        return json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{meta}: not a readable metadata file ({e}); delete the checkpoint folder "
+                             "or pass force=true to retrain it") from None
 
 
 def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,9 +129,13 @@ def load_encoder_state(path: Path, pretrained: nn.Module) -> dict[str, torch.Ten
     if mode == "full":
         sd = load_safetensors(path / "model.safetensors")
         ref = pretrained.state_dict()
-        return {k: sd[k] if k in sd else v.clone() for k, v in ref.items()}
-    model = PeftModel.from_pretrained(copy.deepcopy(pretrained), str(path / "adapter"))
-    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+        return {k: sd[k] if k in sd else v.detach().to("cpu", copy=True) for k, v in ref.items()}
+    try:
+        model = PeftModel.from_pretrained(copy.deepcopy(pretrained), str(path / "adapter"))
+    except Exception as e:  # noqa: BLE001 — peft re-raises safetensors' errors without the file
+        raise ModelFileError(f"{path / 'adapter'}: not a readable peft adapter ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.merge_and_unload().state_dict().items()}
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:
