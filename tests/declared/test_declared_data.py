@@ -94,6 +94,33 @@ def test_datasets_from_disk(tmp_path):
     assert t.labels == ["neg", "pos"] and t.splits["validation"] == ([f"dev {i}" for i in range(6)], [0, 1] * 3)
 
 
+def test_parquet_pool_equals_csv_pool(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = pool()
+    pq.write_table(pa.table({"text": [r[0] for r in rows], "label": [r[1] for r in rows]}), tmp_path / "a.parquet")
+    write_csv(tmp_path / "a.csv", rows)
+    s = dict(split={"validation": 8, "test": 8})
+    p, c = load_task(spec(tmp_path, path="a.parquet", **s)), load_task(spec(tmp_path, path="a.csv", **s))
+    assert p.splits == c.splits and p.labels == c.labels == ["neg", "pos"]
+
+
+def test_hub_source_reads_a_local_dataset_and_names_a_missing_one(tmp_path):
+    pytest.importorskip("datasets")
+    repo = tmp_path / "my_reviews"  # a dataset repository as the hub cache holds it: data files per split
+    repo.mkdir()
+    write_csv(repo / "train.csv", pool(30))
+    write_csv(repo / "test.csv", pool(10, prefix="held out"))
+    t = load_task(spec(tmp_path, source="hub", dataset=str(repo), cache_dir=str(tmp_path / "cache"),
+                       splits={"train": "train", "test": "test"}, split={"validation": 6}))
+    assert {k: len(v[0]) for k, v in t.splits.items()} == {"train": 24, "validation": 6, "test": 10}
+    assert t.splits["test"][0][0] == "held out number 0 bad" and t.labels == ["neg", "pos"]
+    with pytest.raises(DeclarationError, match=r"^task 'reviews': dataset 'nobody/no_such_set' is not in the local hub cache"):
+        load_task(spec(tmp_path, source="hub", dataset="nobody/no_such_set", cache_dir=str(tmp_path / "cache"),
+                       splits={"train": "train", "test": "test"}))
+
+
 # ---------------------------------------------------------------- refusals: case -> (spec change, message)
 def bad_cases(tmp_path):
     write_csv(tmp_path / "ok.csv", pool())
