@@ -21,9 +21,9 @@ OPCM into the first task's) are rebuilt from the seed between runs, untimed (fou
 Peers: FusionBench is imported only in its worker, from a ``pip install --target`` folder (default
 ``.peers/`` at the repository root; see benchmarks/README.md for the exact commands), put first on
 ``sys.path`` there; the taskmerge worker imports this checkout's ``src/``. A peer that is not
-installed gives "not installed" cells, nothing else. Rows for methods taskmerge does not have yet
-(``iso_c``, ``iso_cts``, ``wudi`` while absent from ``taskmerge.merging.METHODS``) say so; their
-FusionBench side runs only with ``--peer-only-rows``. mergekit rows are not implemented yet.
+installed gives "not installed" cells, nothing else. A row for a method taskmerge does not have
+(absent from ``taskmerge.merging.METHODS``) says so; its FusionBench side runs only with
+``--peer-only-rows``. mergekit rows are not implemented yet.
 
     flock /tmp/taskmerge-heavy.lock .venv/bin/python benchmarks/peers.py --models vit-b-32 vit-l-14
 
@@ -75,7 +75,8 @@ ROWS = {
     "iso_c": Row("α=1", {"scaling": 1.0}, {"scaling": 1.0}),
     "iso_cts": Row("α=1, common 0.8", {"scaling": 1.0, "common_space_fraction": 0.8},
                    {"scaling": 1.0, "common_space_fraction": 0.8}),
-    "wudi": Row("400 iterations", {"iter_num": 400}, {"iter_num": 400}),
+    # both: Adam lr 1e-5; FusionBench averages the non-2-D tensors (taskmerge's others="average")
+    "wudi": Row("300 iterations", {"iterations": 300, "others": "average"}, {"iter_num": 300}),
 }
 
 
