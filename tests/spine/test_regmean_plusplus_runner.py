@@ -103,7 +103,13 @@ def test_one_block_model_is_regmean_through_the_runner(tmp_path, suite_dir):
 
 
 def test_settings_without_layer_stats_say_why(tmp_path):
+    from taskmerge.experiments.vision import VisionSuite
     from tests.spine.test_runner import Toy, cfg
+    from tests.spine.test_validate_search import _vision
 
-    why = runner.missing_inputs(Toy(cfg(tmp_path, [])), get_method("regmean_plusplus"))
-    assert why and "block by block" in why
+    method = get_method("regmean_plusplus")
+    why = runner.missing_inputs(Toy(cfg(tmp_path, [])), method)
+    assert "block by block" in why and "does not compute" in why
+    why = runner.missing_inputs(VisionSuite(_vision(tmp_path)), method)
+    assert "vision setting computes no statistics" in why and "\n" not in why
+    assert runner.missing_inputs(Recorded(suite_config(tmp_path, *TINY)), method) is None

@@ -65,6 +65,7 @@ class Adapter:
     """
 
     inputs: frozenset[str] = frozenset({"kinds"})  # besides state dicts: kinds, stats, layer_stats, lora
+    why_not: dict[str, str] = {}  # an input this setting cannot give -> why (said when a method is skipped)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -184,8 +185,8 @@ def missing_inputs(adapter: Adapter, method: Method) -> str | None:
     if "stats" in method.context and "stats" not in have:
         return f"{method.name} needs Fisher/Gram statistics, which this setting does not compute"
     if "layer_stats" in method.context and "layer_stats" not in have:
-        return (f"{method.name} needs input Grams forwarded block by block through the merged model "
-                f"(layer_stats), which this setting does not compute")
+        why = adapter.why_not.get("layer_stats", "this setting does not compute them")
+        return f"{method.name} needs input Grams forwarded block by block through the merged model (layer_stats): {why}"
     return None
 
 
