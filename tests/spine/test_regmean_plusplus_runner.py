@@ -113,3 +113,13 @@ def test_settings_without_layer_stats_say_why(tmp_path):
     why = runner.missing_inputs(VisionSuite(_vision(tmp_path)), method)
     assert "vision setting computes no statistics" in why and "\n" not in why
     assert runner.missing_inputs(Recorded(suite_config(tmp_path, *TINY)), method) is None
+
+
+def test_all_methods_runs_it_on_the_papers_sweep(tmp_path):
+    from taskmerge.search.spaces import validate_spaces
+
+    space = next(s for s in validate_spaces(suite_config(tmp_path, "+experiment=all_methods"))
+                 if s.name == "regmean_plusplus")
+    grid = space.grid["off_diagonal_scale"]  # official experiments/hyperparam.sh: 1.00, 0.95, …, 0.10
+    assert grid == sorted(grid) and len(grid) == 19 and grid[0] == 0.1 and grid[-1] == 1.0 and 0.95 in grid
+    assert space.fixed == {"after_blocks": "pretrained"}
