@@ -148,7 +148,8 @@ class TextSuite(Adapter):
         encoder = copy.deepcopy(self.encoder)
         encoder.load_state_dict(state)
         model = self.classifier(encoder, task)
-        batches = ({"input_ids": ids, "attention_mask": mask, "labels": y} for ids, mask, y in self._stats_batches(task))
+        batches = ({"input_ids": ids, "attention_mask": mask, "labels": y}
+                   for ids, mask, y in self._stats_batches(task))
         objective = ClassificationObjective(forward=lambda m, b: m.head(family.sentence_features(
             m.encoder, b["input_ids"], b["attention_mask"], vmap_safe=True)))
         return collect_statistics(
