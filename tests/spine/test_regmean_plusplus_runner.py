@@ -123,3 +123,22 @@ def test_all_methods_runs_it_on_the_papers_sweep(tmp_path):
     grid = space.grid["off_diagonal_scale"]  # official experiments/hyperparam.sh: 1.00, 0.95, …, 0.10
     assert grid == sorted(grid) and len(grid) == 19 and grid[0] == 0.1 and grid[-1] == 1.0 and 0.95 in grid
     assert space.fixed == {"after_blocks": "pretrained"}
+
+
+def test_block_forward_takes_a_tensor_or_a_tuple():
+    """transformers 5 encoder layers return a tensor, transformers 4 a tuple (FusionBench indexes [0])."""
+    from taskmerge.models.text_encoder import block_forward
+
+    class Block(torch.nn.Module):
+        def __init__(self, as_tuple):
+            super().__init__()
+            self.as_tuple = as_tuple
+
+        def forward(self, hidden, mask):
+            out = hidden * 2 + mask.sum()
+            return (out, None) if self.as_tuple else out
+
+    hidden, mask, tokens = torch.randn(3, 4, 5), torch.zeros(3, 1, 1, 4), torch.ones(3, 4, dtype=torch.bool)
+    for as_tuple in (False, True):
+        out, m, t = block_forward(Block(as_tuple), (hidden, mask, tokens))
+        assert torch.equal(out, hidden * 2) and m is mask and t is tokens
