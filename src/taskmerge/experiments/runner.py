@@ -3,7 +3,8 @@
 Text (``text_suite``), vision (``vision``) and language (``language``) differ only in an
 :class:`Adapter`: it builds the family, trains (or imports) each task's checkpoint through the one
 reuse mechanism (``train.checkpoints.TaskCheckpoints``), evaluates a merged state on a task's split,
-and says which inputs a method can get (``inputs``: ``kinds`` always; ``stats``; ``lora``). The
+and says which inputs a method can get (``inputs``: ``kinds`` always; ``stats``; ``layer_stats``;
+``lora``). The
 runner does the rest, the same for every family:
 
 1. **prepare**: fine-tune or reuse every task's checkpoint; load the pretrained and fine-tuned states;
@@ -66,7 +67,8 @@ class Adapter:
     optionally ``report``, ``force``, ``finetuned.pattern``).
     """
 
-    inputs: frozenset[str] = frozenset({"kinds"})  # what methods can get besides state dicts: kinds, stats, lora
+    inputs: frozenset[str] = frozenset({"kinds"})  # besides state dicts: kinds, stats, layer_stats, lora
+    why_not: dict[str, str] = {}  # an input this setting cannot give -> why (said when a method is skipped)
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -120,6 +122,11 @@ class Adapter:
     def lora_factors(self, task: str, source: Path) -> dict:
         raise NotImplementedError(f"{type(self).__name__} gives no LoRA factors")
 
+    def layer_stats(self, pretrained: dict, finetuned: list[dict]):
+        """RegMean++'s ``layer_stats`` callback (``stats.layerwise``): input Grams block by block through the
+        model being merged, on the statistics' examples; the family says where its blocks are."""
+        raise NotImplementedError(f"{type(self).__name__} gives no layer-by-layer statistics")
+
     def selected(self, name: str, best: dict, merge: Callable[[dict], dict]) -> None:
         """Called after each method's search with its selection; ``merge(hp)`` merges at ``hp``."""
 
@@ -139,7 +146,8 @@ class Adapter:
 
 class MethodContext:
     """The context arguments of a method, built from the adapter in one place: lazily, once, timed as
-    preparation (``profile.prepare``). ``kinds`` always; ``stats`` and ``lora`` when declared."""
+    preparation (``profile.prepare``). ``kinds`` always; ``stats``, ``layer_stats`` and ``lora`` when declared
+    (``layer_stats`` is a callback: its forwards run inside each merge and count as merging)."""
 
     def __init__(self, adapter: Adapter, pretrained: dict, finetuned: list[dict], profile: Profile):
         self.adapter, self.pretrained, self.finetuned, self.profile = adapter, pretrained, finetuned, profile
@@ -150,6 +158,9 @@ class MethodContext:
                "device": config_device(self.adapter.cfg)}
         if "stats" in method.context:
             out["stats"] = self._get("stats", self._statistics)
+        if "layer_stats" in method.context:
+            out["layer_stats"] = self._get("layer_stats", lambda: self.adapter.layer_stats(self.pretrained,
+                                                                                           self.finetuned))
         if method.inputs == "lora" or "lora" in method.context:
             out["lora"] = self._get("lora", lambda: [self.adapter.lora_factors(t, self.adapter.checkpoints.source(t))
                                                      for t in self.adapter.tasks])
@@ -176,6 +187,9 @@ def missing_inputs(adapter: Adapter, method: Method) -> str | None:
                 f"(use a LoRA fine-tune, e.g. finetune=lora)")
     if "stats" in method.context and "stats" not in have:
         return f"{method.name} needs Fisher/Gram statistics, which this setting does not compute"
+    if "layer_stats" in method.context and "layer_stats" not in have:
+        why = adapter.why_not.get("layer_stats", "this setting does not compute them")
+        return f"{method.name} needs input Grams forwarded block by block through the merged model (layer_stats): {why}"
     return None
 
 

@@ -61,7 +61,7 @@ class TextSuite(Adapter):
 
     @property
     def inputs(self) -> frozenset[str]:
-        return frozenset({"kinds", "stats"} | ({"lora"} if self.cfg.finetune.mode == "lora" else set()))
+        return frozenset({"kinds", "stats", "layer_stats"} | ({"lora"} if self.cfg.finetune.mode == "lora" else set()))
 
     @property
     def ckpt_root(self) -> Path:
@@ -179,15 +179,42 @@ class TextSuite(Adapter):
         encoder = copy.deepcopy(self.encoder)
         encoder.load_state_dict(state)
         model = self.classifier(encoder, task)
-        split = self.splits[(task, st.split)]
         batches = ({"input_ids": ids, "attention_mask": mask, "labels": y}
-                   for ids, mask, y in split.batches(16, torch.arange(len(split))))
+                   for ids, mask, y in self._stats_batches(task))
         objective = ClassificationObjective(forward=lambda m, b: m.head(family.sentence_features(
             m.encoder, b["input_ids"], b["attention_mask"], vmap_safe=True)))
         return collect_statistics(
             model, batches, objective, fisher=st.fisher, max_examples=st.max_examples, seed=self.cfg.seed,
             name_map=lambda n: n[len("encoder."):] if n.startswith("encoder.") else None, split=st.split,
             model_id=str(self.checkpoint(task)))
+
+
+    def _stats_batches(self, task: str):
+        """The statistics' batches of ``task``: ``stats.split`` in its order, 16 a batch, (ids, mask, labels)."""
+        split = self.splits[(task, self.cfg.stats.split)]
+        return split.batches(16, torch.arange(len(split)))
+
+    def layer_stats(self, pretrained: dict, finetuned: list[dict]):
+        """RegMean++'s callback (``models.text_encoder.layerwise_grams``) on the statistics' examples: the
+        first ``stats.max_examples`` of ``stats.split`` per task, in the same batches as regmean's Grams."""
+        device, limit = config_device(self.cfg), int(self.cfg.stats.max_examples)
+        batches = []
+        for task in self.tasks:
+            kept, seen = [], 0
+            for ids, mask, _ in self._stats_batches(task):
+                if seen >= limit:
+                    break
+                n = min(len(ids), limit - seen)  # the last batch is cut as collect_statistics cuts it
+                kept.append((ids[:n].to(device), mask[:n].to(device)))
+                seen += n
+            batches.append(kept)
+
+        def model(state):
+            encoder = copy.deepcopy(self.encoder).eval()
+            encoder.load_state_dict(state)
+            return encoder
+
+        return family.layerwise_grams(model(pretrained), [model(sd) for sd in finetuned], batches)
 
 
 class TextEvaluator:

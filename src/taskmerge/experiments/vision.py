@@ -59,6 +59,9 @@ class VisionSuite(Adapter):
     heads: dict = field(default_factory=dict)
     declared: dict = field(default_factory=dict)  # name -> data.declared.TaskData (tasks.source=declared)
     joint_test: dict = field(default_factory=dict)  # joint setting: every top-k at each selection
+    why_not = {"layer_stats": "the vision setting computes no statistics (no calibration examples or Gram pass over "
+                              "its images; regmean, fisher and mats are skipped here too), and open_clip's fused "
+                              "q/k/v (nn.MultiheadAttention.in_proj_weight) is no nn.Linear for RegMean's closed form"}
 
     @property
     def tasks(self) -> list[str]:

@@ -21,7 +21,23 @@ Inside a block every non-Linear tensor (biases, norms) is averaged, as RegMean.
 of ``block``, where ``merged`` holds the tensors merged since the previous call (before block 0: the
 tensors before the blocks; then block ℓ−1's). ``taskmerge.stats.layerwise.LayerwiseGrams`` is one for
 models made of a sequence of blocks; a call with block 0 starts over. Blocks are read from the
-``depths`` context, or from the first ``.<i>.`` of each name as in LiNeS; one tower only.
+``depths`` context, or from the first ``.<i>.`` of each name as in LiNeS; one tower only. The runner
+gives it where the family says where its blocks are and how to embed and forward them
+(``Adapter.layer_stats``): the text setting (``models.text_encoder.layerwise_grams``: BERT blocks
+``encoder.layer``, forwarded with the attention mask, Gram rows on real tokens only, on the same
+examples and batches as regmean's Grams); the vision setting computes no statistics and skips it.
+
+Fidelity notes (FusionBench's ``regmean_plusplus``, the official code, run on tiny CLIP models):
+
+- ``post_layernorm`` (and any tensor after the last block) is never merged there: it stays at θ0.
+  That is ``after_blocks="pretrained"`` (the default); ``"average"`` is RegMean's rule.
+- Its block forward is ``layer(x, attention_mask=None, causal_attention_mask=None)[0]``: it relies on
+  the tuple output of transformers 4's ``CLIPEncoderLayer``; transformers 5 layers return a tensor,
+  where ``[0]`` indexes the first example instead. Here the family's forward takes either.
+- The embeddings (and ``pre_layrnorm``) are averaged and block 0's inputs come from the merged ones,
+  so a one-block model equals RegMean only when the models agree below the block.
+- Its CLIP Grams count every token (no padding on images); text Grams here count real tokens only,
+  as this package's RegMean statistics do.
 """
 from __future__ import annotations
 

@@ -52,6 +52,11 @@ def load_encoder(path: str | Path | None = None, config: dict | None = None, see
     return AutoModel.from_pretrained(str(path or minilm_path()), add_pooling_layer=False).eval()
 
 
+def additive_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D additive attention mask ``[B, 1, 1, T]`` (0 on real tokens, the float32 minimum on padding)."""
+    return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
 def sentence_features(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       vmap_safe: bool = False) -> torch.Tensor:
     """Mean-pooled, L2-normalised token states (the all-MiniLM-L6-v2 sentence embedding).
@@ -59,13 +64,44 @@ def sentence_features(encoder: nn.Module, input_ids: torch.Tensor, attention_mas
     ``vmap_safe`` hands the encoder a ready 4-D additive mask: transformers' 2-D mask path branches
     on the mask's values, which ``torch.func.vmap`` (per-example gradients) cannot trace.
     """
-    mask_in = attention_mask
-    if vmap_safe:
-        mask_in = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    mask_in = additive_mask(attention_mask) if vmap_safe else attention_mask
     hidden = encoder(input_ids=input_ids, attention_mask=mask_in).last_hidden_state
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return nn.functional.normalize(pooled, dim=-1)
+
+
+# ---- the encoder as a sequence of blocks (RegMean++'s layer-by-layer statistics)
+BLOCKS = "encoder.layer"  # the state-dict prefix of the blocks: encoder.layer.<i>.<module>
+
+
+def blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's residual blocks, in order (``BertModel.encoder.layer``)."""
+    return encoder.encoder.layer
+
+
+def embed(encoder: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block 0's input for ``batch = (input_ids, attention_mask)``: ``(embeddings, additive mask, token mask)``,
+    the hidden states and masks ``sentence_features(..., vmap_safe=True)`` (the statistics' forward) gives it."""
+    input_ids, attention_mask = batch
+    return encoder.embeddings(input_ids=input_ids), additive_mask(attention_mask), attention_mask.bool()
+
+
+def block_forward(block: nn.Module, x: tuple) -> tuple:
+    """One block on ``embed``'s triple; a block's output is a tensor on transformers 5, a tuple before."""
+    hidden, mask, tokens = x
+    out = block(hidden, mask)
+    return (out[0] if isinstance(out, (tuple, list)) else out), mask, tokens
+
+
+def layerwise_grams(merged: nn.Module, models, batches):
+    """RegMean++'s ``layer_stats`` for this family: ``stats.layerwise.LayerwiseGrams`` over the encoder's
+    blocks, Gram rows on real tokens only (as the statistics' Grams). ``batches``: per model, a list of
+    ``(input_ids, attention_mask)`` on the models' device."""
+    from taskmerge.stats.layerwise import LayerwiseGrams
+
+    return LayerwiseGrams(merged, models, batches, blocks=blocks, prefix=BLOCKS, embed=embed,
+                          forward=block_forward, mask=lambda x: x[2])
 
 
 class Classifier(nn.Module):

@@ -10,10 +10,12 @@ with ``(block, merged)``:
   activations are forwarded through that merged block;
 
 then each task's activations go through task t's *own* block ℓ with hooks on its ``nn.Linear``
-modules, giving ``{"<prefix>.<ℓ>.<module>.gram_in": XᵀX / #rows}`` per task (all token positions,
-as the official code on CLIP, which has no padding: no attention mask is applied to the rows). The
-activations may be any object ``forward`` understands (e.g. a (hidden states, mask) pair for a text
-encoder whose blocks take a mask). Calling with block 0 again starts over (it can serve two merges).
+modules, giving ``{"<prefix>.<ℓ>.<module>.gram_in": XᵀX / #rows}`` per task, accumulated batch by
+batch in float32 as ``taskmerge.stats.collect`` does. Rows: every token position by default (the
+official code on CLIP, which has no padding), or those of the ``mask`` the family gives for padded
+text (the rows regmean's Grams count: ``collect.default_token_mask``). The activations may be any
+object ``forward`` understands (e.g. a (hidden states, attention mask, token mask) triple for a
+text encoder whose blocks take a mask). Calling with block 0 again starts over (it can serve two merges).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from taskmerge.stats.collect import _rows
 
 
 def _first(output):
@@ -41,17 +45,21 @@ class LayerwiseGrams:
         forward: ``(block, x) -> output`` (default ``block(x)``, or its first element when a block returns
             a tuple: FusionBench's CLIP forward indexes ``[0]``, which breaks where transformers 5
             layers return a tensor; both are accepted here).
+        mask: ``activations -> bool [B, T] token mask`` (1 = real token) or None (every row counts);
+            applied to Linear inputs of shape ``[B, T, in]``, as ``collect_statistics`` does.
     """
 
     def __init__(self, merged: nn.Module, models: Sequence[nn.Module], batches: Sequence[Sequence[Any]], *,
                  blocks: Callable[[nn.Module], Sequence[nn.Module]], prefix: str,
                  embed: Callable[[nn.Module, Any], torch.Tensor],
-                 forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None):
+                 forward: Callable[[nn.Module, Any], Any] | None = None,
+                 mask: Callable[[Any], torch.Tensor | None] | None = None):
         if len(models) != len(batches):
             raise ValueError(f"LayerwiseGrams: {len(models)} models but {len(batches)} batch lists")
         self.merged, self.models, self.batches = merged, list(models), list(batches)
         self.blocks, self.prefix, self.embed = blocks, prefix, embed
         self.forward = forward or (lambda block, x: _first(block(x)))
+        self.mask = mask or (lambda x: None)
         self.inputs: list[list[torch.Tensor]] | None = None
         self.at = -1
 
@@ -75,13 +83,15 @@ class LayerwiseGrams:
         self.at = block
         return [self._grams(self.blocks(model)[block], block, xs) for model, xs in zip(self.models, self.inputs)]
 
-    def _grams(self, layer: nn.Module, block: int, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _grams(self, layer: nn.Module, block: int, inputs: Sequence[Any]) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
         rows: dict[str, int] = {}
+        current: list = [None]  # the token mask of the batch being forwarded
 
         def hook(name):
             def record(module, args, output):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                x = args[0]
+                x = _rows(x, current[0] if x.dim() > 2 else None, name)
                 sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
                 rows[name] = rows.get(name, 0) + x.shape[0]
             return record
@@ -93,8 +103,9 @@ class LayerwiseGrams:
                 handles.append(module.register_forward_hook(hook(key)))
         try:
             for x in inputs:
+                current[0] = self.mask(x)
                 self.forward(layer, x)
         finally:
             for h in handles:
                 h.remove()
-        return {k: (v / rows[k]).cpu() for k, v in sums.items()}
+        return {k: (v / max(rows[k], 1)).cpu() for k, v in sums.items()}
