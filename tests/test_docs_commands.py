@@ -192,7 +192,7 @@ def _hydra_check(cmd: Command):
 
 
 def _cli_check(cmd: Command):
-    from taskmerge.cli import build_parser
+    from taskmerge.cli import build_parser, parse_args
 
     args = _classify(cmd.tokens)[2]
     parser = build_parser()
@@ -201,7 +201,7 @@ def _cli_check(cmd: Command):
         assert args[0] in choices, f"taskmerge has no subcommand {args[0]!r}"
         return
     try:
-        parser.parse_args(args)
+        parse_args(args)  # as `taskmerge` reads it (eval takes Hydra overrides after its options)
     except SystemExit as e:
         raise AssertionError(f"taskmerge's argparse refuses it (exit {e.code})") from None
 

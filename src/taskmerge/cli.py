@@ -278,13 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as ``main`` reads it (argparse exits 2 on a bad one)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "eval":  # outputs and overrides may come after the options
         args.args += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:

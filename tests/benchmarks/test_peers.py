@@ -65,13 +65,15 @@ def test_harness_runs_taskmerge_rows_and_skips_missing_peer(tmp_path, capsys):
     assert again.strip() and again.strip() in text
 
 
-@pytest.mark.parametrize("method", ["iso_c"])
-def test_method_taskmerge_lacks_is_reported(tmp_path, method):
+def test_new_methods_rows_run_with_their_hyperparameters(tmp_path):
+    """The rows of methods that landed after the harness (iso_c, iso_cts, wudi) run in taskmerge as configured."""
     peers = _load("peers")
-    from taskmerge.merging import METHODS
-
-    if method in METHODS:
-        pytest.skip(f"{method} has landed in taskmerge")
     out = tmp_path / "rows.jsonl"
-    peers.main(["--models", "tiny", "--methods", method, "--peers", "taskmerge", "--json", str(out)])
-    assert json.loads(out.read_text())["status"] == "not in taskmerge yet"
+    rc = peers.main(["--models", "tiny", "--tasks", "2", "--methods", "iso_c", "iso_cts", "wudi",
+                     "--peers", "taskmerge", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["iso_c", "iso_cts", "wudi"]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["output_bytes"] > 0 and r["seconds"] > 0
