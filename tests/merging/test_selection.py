@@ -42,3 +42,34 @@ def test_kinds_by_shape():
 def test_name_matches():
     assert name_matches("model.text_projection", "text_projection")
     assert name_matches("x.proj", "foo, proj") and not name_matches("x.proj", "")
+
+
+def test_module_depths_from_the_block_lists_not_the_names():
+    """Blocks are homogeneous ModuleLists; a Sequential's index is not a depth (LiNeS then gives it α)."""
+    import transformers
+    from torch import nn
+
+    from taskmerge.merging.lines import layer_scales
+    from taskmerge.merging.selection import module_depths
+
+    bert = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                                          intermediate_size=32, vocab_size=50))
+    depths = module_depths(bert)
+    assert depths["encoder.layer.2.output.dense.weight"] == 2 and depths["encoder.layer.0.attention.self.query.bias"] == 0
+    assert not any(k.startswith("embeddings.") or k.startswith("pooler.") for k in depths)
+    assert set(depths) == {k for k in bert.state_dict() if k.startswith("encoder.layer.")}
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))  # nested: does not renumber
+
+    toy = nn.Module()
+    toy.blocks = nn.ModuleList(Block() for _ in range(3))
+    toy.head = nn.Sequential(nn.ReLU(), nn.Dropout(), nn.Linear(4, 2))
+    depths = module_depths(toy)
+    assert depths["blocks.1.experts.2.weight"] == 1 and "head.2.weight" not in depths
+    keys = list(toy.state_dict())
+    by_family, by_name = layer_scales(keys, 0.5, 1.0, depths=depths), layer_scales(keys, 0.5, 1.0)
+    assert by_family["head.2.weight"] == 0.5 and by_name["head.2.weight"] == 1.5  # the name would call it block 2
+    assert by_family["blocks.2.experts.0.bias"] == by_name["blocks.2.experts.0.bias"] == 1.5

@@ -110,6 +110,20 @@ def test_kinds_come_from_the_adapters_model(tmp_path):
     assert runner.missing_inputs(toy, get_method("tsv_m")) is None
 
 
+def test_depths_come_from_the_adapters_model_when_it_has_blocks(tmp_path):
+    toy = Toy(cfg(tmp_path, [])).load()
+    pre = toy.pretrained_state()
+    assert "depths" not in runner.MethodContext(toy, pre, [pre], Profile())(get_method("lines"))  # no blocks: names
+    toy.net = nn.Module()
+    toy.net.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    toy.net.out = nn.Sequential(nn.ReLU(), nn.Linear(2, 2))
+    pre = toy.pretrained_state()
+    context = runner.MethodContext(toy, pre, [pre], Profile())
+    assert context(get_method("lines"))["depths"] == {"blocks.0.weight": 0, "blocks.0.bias": 0,
+                                                      "blocks.1.weight": 1, "blocks.1.bias": 1}
+    assert "depths" not in context(get_method("task_arithmetic"))  # only for methods that declare it
+
+
 def test_strategies_are_one_table_and_import_without_a_cycle():
     assert set(STRATEGIES) == {"grid", "greedy", "per_task", "continual"}
     assert strategy_of(Space("opcm"), get_method("opcm")) == "continual"

@@ -39,7 +39,7 @@ from torch import nn
 from taskmerge.cli_support import hydra_script, print_outcome
 from taskmerge.devices import config_device
 from taskmerge.merging import Method, get_method
-from taskmerge.merging.selection import tensor_kinds
+from taskmerge.merging.selection import module_depths, tensor_kinds
 from taskmerge.report import write_report
 from taskmerge.search.common import Evaluator, Profile, SearchContext
 from taskmerge.search.engine import search_method, write_baselines
@@ -147,7 +147,8 @@ class Adapter:
 class MethodContext:
     """The context arguments of a method, built from the adapter in one place: lazily, once, timed as
     preparation (``profile.prepare``). ``kinds`` always; ``stats``, ``layer_stats`` and ``lora`` when declared
-    (``layer_stats`` is a callback: its forwards run inside each merge and count as merging)."""
+    (``layer_stats`` is a callback: its forwards run inside each merge and count as merging); ``depths``
+    from the adapter's model (``selection.module_depths``) when it has one."""
 
     def __init__(self, adapter: Adapter, pretrained: dict, finetuned: list[dict], profile: Profile):
         self.adapter, self.pretrained, self.finetuned, self.profile = adapter, pretrained, finetuned, profile
@@ -158,6 +159,8 @@ class MethodContext:
                "device": config_device(self.adapter.cfg)}
         if "stats" in method.context:
             out["stats"] = self._get("stats", self._statistics)
+        if "depths" in method.context and (depths := self._get("depths", self._depths)):  # else: from the names
+            out["depths"] = depths
         if "layer_stats" in method.context:
             out["layer_stats"] = self._get("layer_stats", lambda: self.adapter.layer_stats(self.pretrained,
                                                                                            self.finetuned))
@@ -170,6 +173,9 @@ class MethodContext:
         ck, (tag, settings) = self.adapter.checkpoints, self.adapter.statistics_settings()
         return [ck.statistics(t, tag, settings, functools.partial(self.adapter.statistics, t, sd))
                 for t, sd in zip(self.adapter.tasks, self.finetuned)]
+
+    def _depths(self) -> dict[str, int]:
+        return {k: d for k, d in module_depths(self.adapter.model).items() if k in self.pretrained}
 
     def _get(self, key, build):
         if key not in self._cache:

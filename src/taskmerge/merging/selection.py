@@ -97,6 +97,25 @@ def tensor_kinds(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None
     return {name: by_module.get(name) or kind_by_shape(name, t) for name, t in state_dict.items()}
 
 
+def module_depths(model: nn.Module) -> dict[str, int]:
+    """``{state-dict name: index of its residual block}`` from the model itself (LiNeS', RegMean++'s ``depths``).
+
+    The blocks are the ``nn.ModuleList``s of two or more children of one class (BERT ``encoder.layer``,
+    CLIP ``encoder.layers``, open_clip ``transformer.resblocks``, Llama ``model.layers``; T5 has two, one
+    per stack). A list nested inside a block (e.g. experts) does not renumber it: the outermost wins.
+    Names outside every block are absent (LiNeS gives them α).
+    """
+    depths: dict[str, int] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        children = list(module.children())
+        if not isinstance(module, nn.ModuleList) or len(children) < 2 or len({type(c) for c in children}) > 1:
+            continue
+        for i, block in enumerate(children):
+            for name in block.state_dict(keep_vars=True):
+                depths.setdefault(f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}", i)
+    return depths
+
+
 def is_matrix(name: str, tensor: torch.Tensor, kinds: Mapping[str, str] | None) -> bool:
     """True for a 2-D floating tensor that is a linear map (kind ``linear``; shape rule if no kinds)."""
     if tensor.ndim != 2 or not tensor.is_floating_point():
