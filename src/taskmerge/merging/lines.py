@@ -17,7 +17,8 @@ so the shallow layers keep the ℓ1 mass of the *average* task vector (α = 1/T 
 and β, the one searched hyperparameter, adds up to β more at the last block.
 
 Block depth: the ``depths`` context (``{tensor name: block index}``), which the runner derives from
-the model's block lists (``selection.module_depths``: an ``nn.Sequential`` index is not a depth); otherwise the first ``.<i>.`` in the tensor name (``visual.transformer.resblocks.3.attn…``,
+the model's block lists (``selection.module_depths``: an ``nn.Sequential`` index is not a depth);
+otherwise the first ``.<i>.`` in the tensor name (``visual.transformer.resblocks.3.attn…``,
 ``model.layers.3.mlp…``). L is inferred as 1 + the largest index (official: hard-coded 12 for
 ViT-B, 24 for ViT-L; ``num_blocks`` restores a fixed L, and indices ≥ L then get α, as there).
 """
