@@ -1,0 +1,151 @@
+"""Top-r singular triplets and polar factors without a full SVD (TSV-M/C, Iso-CTS).
+
+The SVD-based methods keep only a few singular triplets of each task matrix (TSV: the top
+r = floor(k/T); Iso-CTS: the top n of each τ_t^⊥), then orthogonalise the stacked factors.
+A LAPACK float32 SVD computes all k triplets; on CPU it was 99 % of TSV-M's time
+(benchmarks/README.md, "Profiles"). Here both steps go through one float64 Gram matrix instead.
+
+``top_svd(a, r)`` — the r largest triplets (u [O,r], s [r], vh [r,I]) of ``a`` [O, I]:
+
+    x = a in float64;  G = xᵀx  (G = x xᵀ when O < I: always the k×k side, k = min(O, I))
+    (λ_i, v_i) = the r largest eigenpairs of G   (LAPACK dsyevr subset on CPU, eigh on a GPU)
+    s_i = ‖x v_i‖,  u_i = x v_i / s_i           (roles of u, v swapped for a wide ``a``)
+
+The eigenvectors are backward stable in float64: v_i are exact singular vectors of a matrix
+within ≈ eps64·σ_1²/σ_i of ``x``, orders of magnitude below what a float32 SVD achieves
+(it is backward stable at eps32·σ_1). What can fail is the derived factor u = x v / s when σ_i
+is tiny next to σ_1 (rank-deficient τ): its loss of orthogonality grows as eps64·σ_1²/(σ_i σ_j).
+So the route has an a-posteriori check, and **falls back to ``torch.linalg.svd``** when it fails:
+
+    accept  ⇔  every s_i finite and > 0  and  max |uᵀu − I| ≤ tol,  tol = 8·eps(a.dtype)
+
+(9.5e-7 for float32: LAPACK's own float32 SVD reaches 0.8–3e-6 on ViT-B/32 shapes, measured).
+For r > k/2 the full SVD is used directly (the Gram route saves little there, and its accuracy
+then rests on the small singular values). Singular vectors are unique up to the sign of each
+(u_i, v_i) pair (and a rotation within exactly repeated values): TSV, Iso-CTS and TSV-C are
+invariant to both.
+
+``polar(x)`` — P Qᵀ for x = P Σ Qᵀ, the nearest matrix with orthonormal columns (tall x) or rows
+(wide x): x (xᵀx)^{-1/2} (or (x xᵀ)^{-1/2} x) from a float64 eigendecomposition of the Gram.
+Its error is ≈ eps64·κ(x)² (measured: 1e-8 at κ = 1e5, where the float32 SVD's polar factor is
+off by 1e-3). It falls back to the SVD when λ_min/λ_max < eps64/tol (κ ≳ 6.6e4 for float32),
+which includes every rank-deficient x.
+
+Why not a randomized SVD (range finder + power iterations + the same check): on task vectors
+whose kept triplets reach the noise floor (flat spectrum at r) its check fails and it would pay
+for the full SVD on top; the Gram route is exact on every spectrum. The figures of both, and of
+batching, are in benchmarks/README.md ("Profiles") and ``benchmarks/svd_routes.py``.
+
+Threads on CPU: the Gram and eigensolver run in SciPy's LAPACK (``OMP_NUM_THREADS`` /
+``OPENBLAS_NUM_THREADS`` apply, not ``torch.set_num_threads``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 8.0 * float(torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps)
+
+
+def _gram(x64: torch.Tensor) -> tuple[torch.Tensor | np.ndarray, bool]:
+    """(G, tall): G = xᵀx for tall x, x xᵀ for wide x, float64. On CPU a NumPy array holding the
+    upper triangle only (BLAS dsyrk, half the flops of a product); elsewhere a full torch tensor."""
+    tall = x64.shape[0] >= x64.shape[1]
+    if x64.device.type == "cpu":
+        from scipy.linalg import blas
+
+        xt = x64.numpy().T  # Fortran-ordered view of xᵀ: no copy
+        return blas.dsyrk(1.0, xt, trans=0 if tall else 1), tall
+    return (x64.T @ x64 if tall else x64 @ x64.T), tall
+
+
+def _eigh(g, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenpairs (λ, Q) of the Gram from ``_gram``; only the ``top`` largest if given."""
+    if isinstance(g, np.ndarray):
+        from scipy.linalg import eigh
+
+        n = g.shape[0]
+        kw = {"subset_by_index": [n - top, n - 1], "driver": "evr"} if top is not None else {"driver": "evd"}
+        lam, q = eigh(g, lower=False, overwrite_a=True, check_finite=False, **kw)
+        return torch.from_numpy(lam), torch.from_numpy(q)
+    lam, q = torch.linalg.eigh(g)
+    return (lam, q) if top is None else (lam[-top:], q[:, -top:])
+
+
+def full_top_svd(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first r triplets of ``torch.linalg.svd(a, full_matrices=False)`` (the reference and fallback)."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :r], s[:r], vh[:r]
+
+
+def gram_top_svd(a: torch.Tensor, r: int):
+    """The Gram route of :func:`top_svd` (module docstring), or None when its check fails."""
+    x = a.detach().to(torch.float64).contiguous()
+    g, tall = _gram(x)
+    _, q = _eigh(g, r)
+    q = q.flip(1).to(x.device)  # largest first
+    w = x @ q if tall else x.T @ q  # x v_i (tall) or xᵀ u_i (wide), [O or I, r]
+    s = torch.linalg.vector_norm(w, dim=0)
+    s, order = torch.sort(s, descending=True, stable=True)
+    q, w = q[:, order], w[:, order]
+    if not bool(torch.isfinite(s).all()) or not float(s[-1]) > 0.0:
+        return None
+    derived = w / s
+    err = (derived.T @ derived - torch.eye(r, dtype=torch.float64, device=x.device)).abs().max()
+    if not float(err) <= _tol(a.dtype):  # also catches NaN
+        return None
+    u, vh = (derived, q.T) if tall else (q, derived.T)
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype).contiguous()
+
+
+def top_svd(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r largest singular triplets (u [O,r], s [r] descending, vh [r,I]) of a 2-D ``a``, in its dtype.
+
+    Equal to ``torch.linalg.svd(a)`` truncated to r (up to the sign of each pair) within that
+    SVD's own float error: the float64 Gram route with its check and fallback (module docstring).
+    """
+    if a.ndim != 2:
+        raise ValueError(f"top_svd: expected a 2-D matrix, got shape {tuple(a.shape)}")
+    k = min(a.shape)
+    if not 0 <= r <= k:
+        raise ValueError(f"top_svd: rank {r} outside 0..{k} for shape {tuple(a.shape)}")
+    if r == 0:
+        return a.new_zeros(a.shape[0], 0), a.new_zeros(0), a.new_zeros(0, a.shape[1])
+    if 2 * r <= k:
+        out = gram_top_svd(a, r)
+        if out is not None:
+            return out
+    return full_top_svd(a, r)
+
+
+def gram_polar(x: torch.Tensor) -> torch.Tensor | None:
+    """``polar(x)`` through the float64 Gram, or None when x is too ill-conditioned (module docstring)."""
+    x64 = x.detach().to(torch.float64).contiguous()
+    g, tall = _gram(x64)
+    lam, q = _eigh(g)
+    lam, q = lam.to(x64.device), q.to(x64.device)
+    lo, hi = float(lam[0]), float(lam[-1])
+    if not (hi > 0.0 and lo >= hi * EPS64 / _tol(x.dtype)):  # also catches NaN
+        return None
+    inv_sqrt = (q * lam.rsqrt()) @ q.T
+    return (x64 @ inv_sqrt if tall else inv_sqrt @ x64).to(x.dtype)
+
+
+def svd_polar(x: torch.Tensor) -> torch.Tensor:
+    """P Qᵀ from the thin SVD x = P Σ Qᵀ (the official computation; the fallback of :func:`polar`)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """Nearest matrix with orthonormal columns (tall x) or rows (wide x): P Qᵀ for x = P Σ Qᵀ."""
+    if x.ndim != 2:
+        raise ValueError(f"polar: expected a 2-D matrix, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        return x.clone()
+    out = gram_polar(x)
+    return svd_polar(x) if out is None else out
