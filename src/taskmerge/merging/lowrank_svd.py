@@ -98,7 +98,14 @@ def _eigh(g, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def full_top_svd(a: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first r triplets of ``torch.linalg.svd(a, full_matrices=False)`` (the reference and fallback)."""
+    """The first r triplets of the thin ``torch.linalg.svd`` (the reference and the fallback).
+
+    A wide ``a`` is decomposed as aᵀ (the same triplets, within float error): LAPACK's float32 SVD
+    of [768, 3072] took 0.80–0.92 s against 0.39–0.45 s for its transpose (1 thread, svd_routes.py).
+    """
+    if a.shape[0] < a.shape[1]:
+        v, s, uh = torch.linalg.svd(a.T, full_matrices=False)
+        return uh[:r].T, s[:r], v[:, :r].T
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return u[:, :r], s[:r], vh[:r]
 
@@ -157,7 +164,10 @@ def gram_polar(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def svd_polar(x: torch.Tensor) -> torch.Tensor:
-    """P Qᵀ from the thin SVD x = P Σ Qᵀ (the official computation; the fallback of :func:`polar`)."""
+    """P Qᵀ from the thin SVD x = P Σ Qᵀ (the official computation; the fallback of :func:`polar`;
+    a wide x is decomposed as xᵀ, as in :func:`full_top_svd`)."""
+    if x.shape[0] < x.shape[1]:
+        return svd_polar(x.T).T
     p, _, qh = torch.linalg.svd(x, full_matrices=False)
     return p @ qh
 
