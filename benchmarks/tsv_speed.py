@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     print(f"\nbefore: {', '.join(f'{t:.2f}' for t in times['before'])} s; after: "
           f"{', '.join(f'{t:.2f}' for t in times['after'])} s; best before / best after = {b / a:.2f}×")
     for shape, d in diffs.items():
-        print(f"  {shape[0]}×{shape[1]}: max |ΔW_after − ΔW_before| / max |ΔW_before| = {d:.1e}")
+        print(f"  {'×'.join(map(str, shape))}: max |ΔW_after − ΔW_before| / max |ΔW_before| = {d:.1e}")
     return 0
 
 
