@@ -171,3 +171,28 @@ def test_tsv_m_and_tsv_c_agree_with_the_official_full_svd_computation(monkeypatc
 def test_iso_cts_agrees_with_the_official_full_svd_computation(fraction):
     taus = task_vectors(4, (120, 80))
     assert_as_exact_as_official(iso_cts_matrix(taus, fraction), lambda ts: official_iso_cts(ts, fraction), taus)
+
+
+def test_full_top_svd_of_a_wide_matrix_is_its_thin_svd():
+    a = low_rank_plus_noise(20, 50, rank=5, noise=0.3, seed=4)  # wide: decomposed as aᵀ
+    u, s, vh = L.full_top_svd(a, 20)
+    assert u.shape == (20, 20) and vh.shape == (20, 50)
+    torch.testing.assert_close(s, torch.linalg.svdvals(a), rtol=1e-5, atol=0)
+    torch.testing.assert_close((u * s) @ vh, a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(20), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(20), atol=1e-5, rtol=0)
+    torch.testing.assert_close(L.svd_polar(a), L.svd_polar(a.double()).float(), atol=1e-5, rtol=0)
+
+
+def test_opcm_projection_of_a_wide_matrix_matches_the_official_full_svd():
+    from taskmerge.merging.opcm import crossing_rank, project_update
+
+    g = torch.Generator().manual_seed(5)
+    tau_bar, tau = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    u, s, vh = torch.linalg.svd(tau_bar, full_matrices=True)  # official: full U [5,5], V [9,9]
+    for alpha in (0.3, 0.6, 0.9):
+        r = crossing_rank(s, alpha)
+        p = u.T @ tau @ vh.T
+        p[:r, :r] = 0
+        p.diagonal().fill_(0)
+        torch.testing.assert_close(project_update(tau_bar, tau, alpha, True), u @ p @ vh, atol=1e-5, rtol=1e-5)
