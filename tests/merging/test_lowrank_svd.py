@@ -196,3 +196,27 @@ def test_opcm_projection_of_a_wide_matrix_matches_the_official_full_svd():
         p[:r, :r] = 0
         p.diagonal().fill_(0)
         torch.testing.assert_close(project_update(tau_bar, tau, alpha, True), u @ p @ vh, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_backend_as_on_a_gpu_matches_the_scipy_one(monkeypatch):
+    # on a GPU the Gram and eigh run in torch; run that branch on CPU and compare with SciPy's
+    a, x = low_rank_plus_noise(200, 80, seed=6), low_rank_plus_noise(200, 80, rank=80, noise=0.5, seed=7)
+    cpu = L.top_svd(a, 20), L.polar(x), L.top_svd(a.T.contiguous(), 20)
+    monkeypatch.setattr(L, "_use_scipy", lambda device: False)
+    monkeypatch.setattr(torch.linalg, "svd", CountingSVD(torch.linalg.svd, refuse=True))
+    other = L.top_svd(a, 20), L.polar(x), L.top_svd(a.T.contiguous(), 20)
+    for (u, s, vh), (u2, s2, vh2) in ((cpu[0], other[0]), (cpu[2], other[2])):
+        torch.testing.assert_close(s2, s, rtol=1e-6, atol=0)
+        torch.testing.assert_close((u2 * s2) @ vh2, (u * s) @ vh, atol=1e-5 * float(s[0]), rtol=0)
+    torch.testing.assert_close(other[1], cpu[1], atol=1e-6, rtol=0)
+
+
+def test_without_threadpoolctl_the_result_is_the_same(monkeypatch):
+    import sys
+
+    a = low_rank_plus_noise(120, 60, seed=8)
+    expect = L.top_svd(a, 10)
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails: no thread limit, same maths
+    got = L.top_svd(a, 10)
+    for x, y in zip(got, expect):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)

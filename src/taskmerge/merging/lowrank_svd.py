@@ -71,11 +71,16 @@ def _tol(dtype: torch.dtype) -> float:
     return 8.0 * float(torch.finfo(dtype if dtype.is_floating_point else torch.float32).eps)
 
 
+def _use_scipy(device: torch.device) -> bool:
+    """SciPy's BLAS/LAPACK on CPU; torch (cuSOLVER on a GPU) elsewhere."""
+    return device.type == "cpu"
+
+
 def _gram(x64: torch.Tensor) -> tuple[torch.Tensor | np.ndarray, bool]:
     """(G, tall): G = xᵀx for tall x, x xᵀ for wide x, float64. On CPU a NumPy array holding the
     upper triangle only (BLAS dsyrk, half the flops of a product); elsewhere a full torch tensor."""
     tall = x64.shape[0] >= x64.shape[1]
-    if x64.device.type == "cpu":
+    if _use_scipy(x64.device):
         from scipy.linalg import blas
 
         xt = x64.numpy().T  # Fortran-ordered view of xᵀ: no copy
