@@ -87,8 +87,8 @@ def main(argv=None) -> int:
     rev = args.before_rev or subprocess.check_output(git + ["merge-base", "HEAD", "main"], text=True).strip()
     head = subprocess.check_output(git + ["rev-parse", "--short", "HEAD"], text=True).strip()
     dirty = bool(subprocess.check_output(git + ["status", "--porcelain", "src"], text=True).strip())
-    print(f"{args.method}: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.layers} layer(s) × {len(shapes)} keys, "
-          f"{args.tasks} tasks; before = {rev[:7]}, after = {head}{' (+ uncommitted)' if dirty else ''}")
+    print(f"{args.method}: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"{args.layers} layer(s) × {len(shapes)} keys, {args.tasks} tasks; before = {rev[:7]}, after = {head}{' (+ uncommitted)' if dirty else ''}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         before_src = tmp / "before"

@@ -2,7 +2,7 @@
 
 The SVD-based methods keep only a few singular triplets of each task matrix (TSV: the top
 r = floor(k/T); Iso-CTS: the top n of each τ_t^⊥), then orthogonalise the stacked factors.
-A LAPACK float32 SVD computes all k triplets; on CPU it was 99 % of TSV-M's time
+A LAPACK float32 SVD computes all k triplets; on CPU it was 96–99 % of TSV-M's time
 (benchmarks/README.md, "Profiles"). Here both steps go through one float64 Gram matrix instead.
 
 ``top_svd(a, r)`` — the r largest triplets (u [O,r], s [r], vh [r,I]) of ``a`` [O, I]:
@@ -12,7 +12,7 @@ A LAPACK float32 SVD computes all k triplets; on CPU it was 99 % of TSV-M's time
     s_i = ‖x v_i‖,  u_i = x v_i / s_i           (roles of u, v swapped for a wide ``a``)
 
 The eigenvectors are backward stable in float64: v_i are exact singular vectors of a matrix
-within ≈ eps64·σ_1²/σ_i of ``x``, orders of magnitude below what a float32 SVD achieves
+within ≈ eps64·σ_1²/σ_i (absolute) of ``x``, orders of magnitude below what a float32 SVD achieves
 (it is backward stable at eps32·σ_1). What can fail is the derived factor u = x v / s when σ_i
 is tiny next to σ_1 (rank-deficient τ): its loss of orthogonality grows as eps64·σ_1²/(σ_i σ_j).
 So the route has an a-posteriori check, and **falls back to ``torch.linalg.svd``** when it fails:
@@ -31,17 +31,23 @@ Its error is ≈ eps64·κ(x)² (measured: 1e-8 at κ = 1e5, where the float32 S
 off by 1e-3). It falls back to the SVD when λ_min/λ_max < eps64/tol (κ ≳ 6.6e4 for float32),
 which includes every rank-deficient x.
 
-Why not a randomized SVD (range finder + power iterations + the same check): on task vectors
-whose kept triplets reach the noise floor (flat spectrum at r) its check fails and it would pay
-for the full SVD on top; the Gram route is exact on every spectrum. The figures of both, and of
-batching, are in benchmarks/README.md ("Profiles") and ``benchmarks/svd_routes.py``.
+Measured (``benchmarks/svd_routes.py``, 1 thread, loaded machine; r = 96, ViT-B/32 shapes, the
+peers.py task vectors): Gram route 0.116 s ([768,768]), 0.152 s ([3072,768]), 0.174 s ([768,3072])
+against 0.218, 0.388, 0.920 s for the float32 SVD; error of the rank-r reconstruction against a
+float64 SVD 4–5e-8, against 1.3–4.5e-6 for the float32 SVD. Why not a randomized SVD (range
+finder with r/2 oversampling, q power iterations, residual check ‖A v_i − s_i u_i‖ ≤ 1e-5·s_1):
+on these task vectors the kept triplets reach the noise floor (a flat spectrum at r) and it failed
+its check at q = 2 and q = 8 (error 3e-2 and 7e-3–1.5e-2), so it would pay for the full SVD on top;
+on a σ_i ∝ 1/i spectrum it passed only at q = 8, 10× less accurate than the float32 SVD and no
+faster than the Gram route. Batching ([8,768,768] stacked SVD or eigh) gained ≤ 15 % over a loop,
+less than the route; it is not used. Figures: benchmarks/README.md ("Profiles").
 
 Threads on CPU: the Gram (BLAS dsyrk) and the eigensolver run in SciPy's OpenBLAS
 (``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` apply, not ``torch.set_num_threads``). The
 eigensolver runs on one thread (through ``threadpoolctl`` when installed): its tridiagonal
 reduction is hundreds of small parallel regions, and on a loaded 2-core machine each one waits for
-a descheduled thread — a [768,768] top-96 eigh (of a [3072,768] Gram) took 6.1 s (median) on 2 threads against 0.14 s on
-one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0.57 s).
+a descheduled thread: a top-96 eigh of a [3072,768] matrix's Gram took 6.1 s (median) on 2 threads
+against 0.14 s on one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0.57 s).
 """
 from __future__ import annotations
 
