@@ -19,8 +19,8 @@ Every other floating tensor takes the mean task vector with the same α. With f 
 task-specific part (n = 0) and polar(U_c) = U_c, so Iso-CTS is Iso-C up to float error.
 
 SVDs run in float32 on ``device``; values come back in the input dtype. Only the kept triplets
-are computed (``lowrank_svd.top_svd``: the common SVD keeps c > k/2 triplets and stays a full
-SVD; each τ_t^⊥ keeps n, through the checked float64 Gram route) and the polar factors come from
+are computed (``lowrank_svd.top_svd``: at the default f = 0.8 the common SVD keeps c > k/2
+triplets and stays a full SVD; each τ_t^⊥ keeps n, through the checked float64 Gram route) and the polar factors come from
 ``lowrank_svd.polar`` (no SVD unless ill-conditioned); both equal the full SVD within its error.
 """
 from __future__ import annotations
