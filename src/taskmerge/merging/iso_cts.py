@@ -18,7 +18,10 @@ For every 2-D weight of shape (O, I) (``svd_scope``, as Iso-C), with k = min(O, 
 Every other floating tensor takes the mean task vector with the same α. With f = 1 there is no
 task-specific part (n = 0) and polar(U_c) = U_c, so Iso-CTS is Iso-C up to float error.
 
-SVDs run in float32 on ``device``; values come back in the input dtype.
+SVDs run in float32 on ``device``; values come back in the input dtype. Only the kept triplets
+are computed (``lowrank_svd.top_svd``: at the default f = 0.8 the common SVD keeps c > k/2
+triplets and stays a full SVD; each τ_t^⊥ keeps n, through the checked float64 Gram route) and the polar factors come from
+``lowrank_svd.polar`` (no SVD unless ill-conditioned); both equal the full SVD within its error.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ import torch
 
 from taskmerge.merging.inputs import shape_of, task_stream
 from taskmerge.merging.iso_c import mean_task_vector
+from taskmerge.merging.lowrank_svd import polar, top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
-from taskmerge.merging.tsv import _polar, _svd_this
+from taskmerge.merging.tsv import _svd_this
 
 
 def subspace_sizes(k: int, num_tasks: int, fraction: float) -> tuple[int, int]:
@@ -47,18 +51,17 @@ def subspace_sizes(k: int, num_tasks: int, fraction: float) -> tuple[int, int]:
 def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tensor:
     """Δ_iso of one weight matrix (α = 1), equations in the module docstring."""
     common, per_task = subspace_sizes(min(taus[0].shape), len(taus), fraction)
-    u, s, vh = torch.linalg.svd(torch.stack(list(taus)).sum(0), full_matrices=False)
-    u_c = u[:, :common]
+    u_c, s_c, vh_c = top_svd(torch.stack(list(taus)).sum(0), common)
     us, ss, vs = [], [], []
     for tau in taus:
-        u_t, s_t, vh_t = torch.linalg.svd(tau - u_c @ (u_c.T @ tau), full_matrices=False)
-        us.append(u_t[:, :per_task])
-        ss.append(s_t[:per_task])
-        vs.append(vh_t[:per_task])
+        u_t, s_t, vh_t = top_svd(tau - u_c @ (u_c.T @ tau), per_task)
+        us.append(u_t)
+        ss.append(s_t)
+        vs.append(vh_t)
     u_all = torch.cat(us + [u_c], dim=1)
-    s_all = torch.cat(ss + [s[:common]])
-    vh_all = torch.cat(vs + [vh[:common]], dim=0)
-    return (_polar(u_all) * s_all.mean()) @ _polar(vh_all)
+    s_all = torch.cat(ss + [s_c])
+    vh_all = torch.cat(vs + [vh_c], dim=0)
+    return (polar(u_all) * s_all.mean()) @ polar(vh_all)
 
 
 @register("iso_cts", linear_in="scaling",

@@ -39,6 +39,7 @@ from typing import Annotated, Sequence
 import torch
 
 from taskmerge.merging.inputs import float_keys, read, shape_of
+from taskmerge.merging.lowrank_svd import full_top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.selection import is_matrix
@@ -57,8 +58,13 @@ def crossing_rank(s: torch.Tensor, alpha: float) -> int:
 
 
 def project_update(tau_bar: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
-    """τ' = U P Vᵀ with P = Uᵀ τ V, P[:r,:r] = 0 and optionally P_ii = 0, for τ̄ = U diag(s) Vᵀ."""
-    u, s, vh = torch.linalg.svd(tau_bar, full_matrices=False)
+    """τ' = U P Vᵀ with P = Uᵀ τ V, P[:r,:r] = 0 and optionally P_ii = 0, for τ̄ = U diag(s) Vᵀ.
+
+    Every triplet is used (the crossing rank needs every s_i, the diagonal term every u_i, v_i), so
+    this is a full SVD (``lowrank_svd.full_top_svd``: a wide τ̄ is decomposed as its transpose, 2×
+    faster in LAPACK for [768,3072]; benchmarks/README.md, "Profiles").
+    """
+    u, s, vh = full_top_svd(tau_bar, min(tau_bar.shape))
     r = crossing_rank(s, alpha)
     out = tau
     if r > 0:

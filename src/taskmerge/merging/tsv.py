@@ -12,6 +12,14 @@ Which tensors are SVD'd (``svd_scope``):
 
 Arithmetic is float32 on ``device`` (as official, which runs the SVDs on CUDA in float32);
 results come back in the input dtype and device. Integer buffers are copied from θ0.
+
+Speed (same matrices as the official full SVDs, within their float error): each task's top r
+triplets come from ``lowrank_svd.top_svd`` (float64 Gram eigendecomposition, checked, falling
+back to the full SVD) and the polar factors from ``lowrank_svd.polar`` (x (xᵀx)^{-1/2}, falling
+back to the SVD when ill-conditioned). When T does not divide k, the stacked U and V of the
+official code have zero trailing columns whose singular value is 0: they do not change ΔW
+(polar([A 0]) = [polar(A) ·] for A of full column rank), so the polar factors are taken of the
+r·T filled columns only.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from typing import Iterator, Literal, Mapping, Sequence
 import torch
 
 from taskmerge.merging.inputs import float_keys, read, shape_of, task_stream, task_vectors
+from taskmerge.merging.lowrank_svd import polar, top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register
 from taskmerge.merging.selection import is_matrix, name_matches
@@ -46,17 +55,14 @@ def _stack_top_triplets(taus: Sequence[torch.Tensor]):
     if r == 0:
         return sum_u, sum_s, sum_v
     for i, tau in enumerate(taus):
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        sum_u[:, i * r:(i + 1) * r] = u[:, :r]
-        sum_s[i * r:(i + 1) * r] = s[:r]
-        sum_v[i * r:(i + 1) * r] = vh[:r]
+        u, s, vh = top_svd(tau, r)
+        sum_u[:, i * r:(i + 1) * r] = u
+        sum_s[i * r:(i + 1) * r] = s
+        sum_v[i * r:(i + 1) * r] = vh
     return sum_u, sum_s, sum_v
 
 
-def _polar(m: torch.Tensor) -> torch.Tensor:
-    """Nearest matrix with orthonormal columns/rows: P Qᵀ from m = P Σ Qᵀ."""
-    p, _, qh = torch.linalg.svd(m, full_matrices=False)
-    return p @ qh
+_polar = polar  # nearest matrix with orthonormal columns/rows: P Qᵀ from m = P Σ Qᵀ (lowrank_svd.polar)
 
 
 def _inv_sqrt_psd(gram: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,8 @@ def tsv_merge_matrix(taus: Sequence[torch.Tensor], variant: str = "polar") -> to
     if not bool(sum_s.any()):
         return torch.zeros_like(taus[0])
     if variant == "polar":
-        return torch.linalg.multi_dot([_polar(sum_u), torch.diag(sum_s), _polar(sum_v)])
+        n = int(min(taus[0].shape) / len(taus)) * len(taus)  # the filled slots (module docstring)
+        return (polar(sum_u[:, :n]) * sum_s[:n]) @ polar(sum_v[:n])
     if variant == "eigen":
         sum_s, order = torch.sort(sum_s, stable=True)
         sum_u, sum_v = sum_u[:, order], sum_v[order]
@@ -134,8 +141,8 @@ def low_rank(tau: torch.Tensor, num_tasks: int) -> torch.Tensor:
     r = int(min(tau.shape) / num_tasks)
     if r == 0:
         return torch.zeros_like(tau)
-    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-    return (u[:, :r] * s[:r]) @ vh[:r]
+    u, s, vh = top_svd(tau, r)
+    return (u * s) @ vh
 
 
 @register("tsv_c", output="per_task", memory="one key of every input and its T outputs")
