@@ -115,14 +115,16 @@ def test_settings_without_layer_stats_say_why(tmp_path):
     assert runner.missing_inputs(Recorded(suite_config(tmp_path, *TINY)), method) is None
 
 
-def test_all_methods_runs_it_on_the_papers_sweep(tmp_path):
+def test_its_config_holds_the_papers_sweep_and_all_methods_a_short_one(tmp_path):
     from taskmerge.search.spaces import validate_spaces
 
-    space = next(s for s in validate_spaces(suite_config(tmp_path, "+experiment=all_methods"))
-                 if s.name == "regmean_plusplus")
-    grid = space.grid["off_diagonal_scale"]  # official experiments/hyperparam.sh: 1.00, 0.95, …, 0.10
+    def space(*overrides):
+        return next(s for s in validate_spaces(suite_config(tmp_path, *overrides)) if s.name == "regmean_plusplus")
+
+    grid = space("method=[regmean_plusplus]").grid["off_diagonal_scale"]  # official experiments/hyperparam.sh
     assert grid == sorted(grid) and len(grid) == 19 and grid[0] == 0.1 and grid[-1] == 1.0 and 0.95 in grid
-    assert space.fixed == {"after_blocks": "pretrained"}
+    demo = space("+experiment=all_methods")  # each point re-forwards the examples: regmean's four points
+    assert demo.grid["off_diagonal_scale"] == [0.5, 0.7, 0.9, 1.0] and demo.fixed == {"after_blocks": "pretrained"}
 
 
 def test_block_forward_takes_a_tensor_or_a_tuple():
