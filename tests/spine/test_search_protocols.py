@@ -95,6 +95,20 @@ def test_bwt_and_orders_are_seeded():
     assert out["final_accuracy"][0] == pytest.approx(0.75) and out["bwt"][0] == pytest.approx(-0.2)
 
 
+def test_an_interrupted_order_is_left_out_of_the_summary_and_the_table():
+    import pandas as pd
+
+    from taskmerge.report.tables import continual_table
+
+    done = [dict(order="a>b", step=1, task="a", accuracy=0.9), dict(order="a>b", step=2, task="a", accuracy=0.7),
+            dict(order="a>b", step=2, task="b", accuracy=0.8)]
+    cut = [dict(order="b>a", step=1, task="b", accuracy=0.5)]  # killed before its last step
+    assert summarize(done + cut, 2) == {**summarize(done, 2), "orders": 1}
+    assert summarize(cut, 2) == {"orders": 0}
+    table = continual_table(pd.DataFrame([{**r, "method": "opcm", "stage": "continual"} for r in cut]))
+    assert "| opcm | 0 (interrupted before an order finished) | – | – |" in table
+
+
 def test_report_has_continual_table_and_plot(tmp_path):
     from taskmerge.report import write_report
 

@@ -88,7 +88,11 @@ def continual_table(df: pd.DataFrame) -> str:
         return ""
     lines = ["| Method | orders | final avg. acc. (%) | BWT (%) |", "|---|---|---|---|"]
     for method, rows in cont.groupby("method", sort=False):
-        out = summarize(rows.to_dict("records"), int(rows["step"].max()))
+        n_tasks = max(len(str(o).split(">")) for o in rows["order"])  # an order label names every task
+        out = summarize(rows.to_dict("records"), n_tasks)
+        if not out["orders"]:
+            lines.append(f"| {method} | 0 (interrupted before an order finished) | – | – |")
+            continue
         (m, s), (bm, bs) = out["final_accuracy"], out.get("bwt", (float("nan"), float("nan")))
         lines.append(f"| {method} | {out['orders']} | {100 * m:.1f} ± {100 * s:.1f} | {100 * bm:.1f} ± {100 * bs:.1f} |")
     return "\n".join(lines) + "\n"

@@ -66,17 +66,24 @@ def _run_order(method: Method, name: str, hp: dict, order: list[int], ctx: Searc
 
 
 def summarize(rows: list[dict], n_tasks: int) -> dict:
-    """Final average accuracy and BWT per order, then mean ± std over orders."""
+    """Final average accuracy and BWT per order, then mean ± std over orders.
+
+    An order without rows at its last step (a run interrupted inside it) is left out; with no complete
+    order the result is ``{"orders": 0}``."""
     finals, bwts = [], []
     for label in dict.fromkeys(r["order"] for r in rows):
         mine = [r for r in rows if r["order"] == label]
         last = [float(r["accuracy"]) for r in mine if int(r["step"]) == n_tasks]
+        if not last:
+            continue
         finals.append(sum(last) / len(last))
         order = label.split(">")
         acc = {(int(r["step"]), r["task"]): float(r["accuracy"]) for r in mine}
         if n_tasks > 1 and all((i + 1, order[i]) in acc for i in range(n_tasks)):
             bwts.append(sum(acc[(n_tasks, order[i])] - acc[(i + 1, order[i])] for i in range(n_tasks - 1))
                         / (n_tasks - 1))
+    if not finals:
+        return {"orders": 0}
     std = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
     out = {"final_accuracy": (statistics.mean(finals), std(finals)), "orders": len(finals)}
     if bwts:
