@@ -141,3 +141,19 @@ def test_dtype_preserved_no_nan(dtype):
     for out in [*merge("tall_mask", pre, fts), merge("consensus", pre, fts, {"use_ties": True})]:
         for key in SHAPES:
             assert out[key].dtype == dtype and torch.isfinite(out[key].float()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_merge_equals_the_searchs_memoised_mtl(dtype):
+    """A single merge sums τ_MTL key by key in the pass that builds the masks; a search (``cache``)
+    builds the whole τ_MTL once and reuses it. Both routes give the same tensors, bit for bit."""
+    pre, fts = make_models(num_tasks=4, seed=3)
+    pre = {k: v.to(dtype) if v.is_floating_point() else v for k, v in pre.items()}
+    fts = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in ft.items()} for ft in fts]
+    for name, hp in [("tall_mask", {"mask_lambda": 0.3}), ("consensus", {"min_tasks": 2, "scaling": 0.7})]:
+        one_pass = merge(name, pre, fts, hp)
+        memoised = merge(name, pre, fts, hp, cache={})
+        for a, b in zip(*[x if isinstance(x, list) else [x] for x in (one_pass, memoised)]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == pre[key].dtype and torch.equal(a[key], b[key]), (name, key)

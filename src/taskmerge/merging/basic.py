@@ -9,26 +9,25 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 
-from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.inputs import task_vector_sum, walk
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register
 
-ELEMENTWISE = "one key (row chunks of large tensors) of every input; nothing across the model"
+SUMMED = "one key (row chunk) of one input at a time, plus two float32 buffers of it; nothing across the model"
 
 
-@register("average", memory=ELEMENTWISE)
+@register("average", memory=SUMMED)
 def average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=None, chunk_numel=None):
     """Weight averaging: θ = (1/T) Σ_t θ_t, element-wise over every floating tensor.
 
     Computed as θ0 + mean_t τ_t (task arithmetic with λ = 1/T). No hyperparameters.
     """
-    for item, taus in task_stream(pretrained, finetuned, device, chunk_numel)():
-        yield item, Update(torch.stack(taus).mean(0), 1.0)
+    for item in walk(pretrained, chunk_numel):
+        yield item, Update(task_vector_sum(item, pretrained, finetuned, device).div_(len(finetuned)), 1.0)
 
 
-@register("task_arithmetic", linear_in="scaling", memory=ELEMENTWISE)
+@register("task_arithmetic", linear_in="scaling", memory=SUMMED)
 def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *, scaling: float = 0.3,
                     device=None, chunk_numel=None):
     """Task Arithmetic: θ = θ0 + λ Σ_t τ_t with τ_t = θ_t − θ0.
@@ -37,5 +36,5 @@ def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *, sc
         scaling (λ, default 0.3): the paper's default for 8 ViT tasks; searched over {0.1, …, 1.0}.
             Negative λ is task negation (forgetting by subtracting τ, the paper's §3).
     """
-    for item, taus in task_stream(pretrained, finetuned, device, chunk_numel)():
-        yield item, Update(torch.stack(taus).sum(0), scaling)
+    for item in walk(pretrained, chunk_numel):
+        yield item, Update(task_vector_sum(item, pretrained, finetuned, device), scaling)

@@ -91,6 +91,29 @@ def task_vectors(item, pretrained: Mapping, finetuned: Sequence[Mapping], dtype:
     return [read(sd, item).to(device=device, dtype=dtype) - base for sd in finetuned]
 
 
+def task_vector_sum(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None) -> torch.Tensor:
+    """Σ_t (θ_t − θ0) for one key (or row chunk) in float32, accumulated in place in task order.
+
+    The same sums, in the same order, as ``torch.stack(task_vectors(...)).sum(0)`` with two buffers
+    instead of 2T + 1 tensors: one upcast task tensor is alive at a time (Task Arithmetic, averaging,
+    τ_MTL of TALL/Consensus).
+    """
+    base = read(pretrained, item).to(device=device, dtype=torch.float32)
+    acc = tmp = None
+    for sd in finetuned:
+        theta = read(sd, item).to(device=device, dtype=torch.float32)
+        if acc is None:
+            acc = theta - base
+        elif tmp is None:
+            tmp = theta - base
+            acc.add_(tmp)
+        else:
+            acc.add_(torch.sub(theta, base, out=tmp))
+    if acc is None:
+        raise ValueError("the list of fine-tuned models is empty")
+    return acc
+
+
 def task_stream(pretrained: Mapping, finetuned: Sequence[Mapping], device=None, chunk_numel: int | None = None,
                 keys: Sequence[str] | None = None) -> TaskStream:
     """Task stream of τ_t = θ_t − θ0 (float32) over every floating tensor (or ``keys``), in the model's

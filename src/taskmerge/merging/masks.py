@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from taskmerge.merging.inputs import float_keys, task_stream, tensors
+from taskmerge.merging.inputs import float_keys, read, task_stream, task_vector_sum, tensors
 from taskmerge.merging.outputs import Update, resolve
 from taskmerge.merging.primitives import memo
 from taskmerge.merging.registry import Range, StateDict, register
@@ -32,8 +32,9 @@ from taskmerge.merging.ties import ties_stream
 Masks = list[dict[str, torch.Tensor]]  # one {tensor name: bool mask} per task, in input order
 MASK_FORMAT = "taskmerge-packed-masks-v1"
 Lambda = Annotated[float, Range(0.0, None)]
-CARRIES_MTL = ("τ_MTL in float32 (4 bytes per parameter; in `scratch`: memory, or disk when streaming; computed "
-               "once per search), plus one key of every input")
+CARRIES_MTL = ("one key of every input for a single merge (τ_MTL summed key by key, one read pass); in a search "
+               "or with use_ties, τ_MTL in float32 as well (4 bytes per parameter; in `scratch`: memory, or disk "
+               "when streaming; computed once per search)")
 
 
 def multitask_vector(pretrained: StateDict, finetuned: Sequence[StateDict], *, use_ties: bool = False,
@@ -41,11 +42,12 @@ def multitask_vector(pretrained: StateDict, finetuned: Sequence[StateDict], *, u
     """τ_MTL in float32 for every floating tensor, Σ_t τ_t or TIES (k=20, global trim, disjoint sum),
     written into ``out`` (a dict by default; a disk-backed scratch mapping when streaming)."""
     out = {} if out is None else out
-    stream = task_stream(pretrained, finetuned, device)
-    merged = ties_stream(stream, k=20, merge="sum") if use_ties else \
-        ((key, torch.stack(taus).sum(0)) for key, taus in stream())
-    for key, tau in merged:
-        out[key] = tau
+    if use_ties:
+        for key, tau in ties_stream(task_stream(pretrained, finetuned, device), k=20, merge="sum"):
+            out[key] = tau
+        return out
+    for key in float_keys(pretrained):
+        out[key] = task_vector_sum(key, pretrained, finetuned, device)
     return out
 
 
@@ -58,12 +60,36 @@ def _lambdas(mask_lambda, n: int) -> list[float]:
     return lambdas
 
 
+def _key_masks(base: torch.Tensor, multi: torch.Tensor, thetas, lambdas: Sequence[float]):
+    """Yield m_t = |θ0 − θ_t| > λ_t·|θ_MTL − θ_t| per task (θ_MTL = θ0 + τ_MTL), two float buffers reused."""
+    near = far = None
+    for theta, lam in zip(thetas, lambdas):
+        theta = theta.to(device=base.device, dtype=torch.float32)
+        near = torch.sub(base, theta, out=near).abs_()
+        far = torch.sub(multi, theta, out=far).abs_().mul_(lam)
+        yield near > far
+
+
 def key_masks(key: str, pretrained: StateDict, finetuned: Sequence[StateDict], tau_mtl: torch.Tensor,
               lambdas: Sequence[float], device=None) -> list[torch.Tensor]:
     """m_t = |θ0 − θ_t| > λ_t·|(θ0 + τ_MTL) − θ_t| for one tensor, every task."""
     base, *thetas = tensors(key, [pretrained, *finetuned], device)
-    multi = base + tau_mtl.to(base.device)
-    return [(base - theta).abs() > (multi - theta).abs() * lam for theta, lam in zip(thetas, lambdas)]
+    return list(_key_masks(base, base + tau_mtl.to(base.device), thetas, lambdas))
+
+
+def _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
+    """(key, θ0 in float32, τ_MTL) for every floating tensor, and one lazy reader of the θ_t per key.
+
+    In a search (``cache`` given) or with TIES, τ_MTL is built once for the whole model
+    (:func:`multitask_vector`, memoised); for a single merge of the task-vector sum it is summed key by
+    key from the same reads the masks make: one pass over the inputs instead of two, no model-sized τ_MTL.
+    """
+    tau_mtl = None if cache is None and not use_ties else _shared_mtl(pretrained, finetuned, use_ties, device,
+                                                                      cache, scratch)
+    for key in float_keys(pretrained):
+        base = read(pretrained, key).to(device=device, dtype=torch.float32)
+        tau = task_vector_sum(key, pretrained, finetuned, device) if tau_mtl is None else tau_mtl[key].to(base.device)
+        yield key, base, tau, (read(sd, key) for sd in finetuned)
 
 
 def tall_masks_from_mtl(pretrained: StateDict, finetuned: Sequence[StateDict], tau_mtl: StateDict,
@@ -119,16 +145,17 @@ def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             :func:`multitask_vector` + :func:`tall_masks_from_mtl` with a list of λ.
         use_ties (False): τ_MTL from TIES (k=20, disjoint sum) instead of the task-vector sum.
     """
-    tau_mtl = _shared_mtl(pretrained, finetuned, use_ties, device, cache, scratch)
     lambdas = _lambdas(mask_lambda, len(finetuned))
     kept = artifacts.setdefault("masks", [{} for _ in finetuned]) if artifacts is not None else None
-    for key in float_keys(pretrained):
-        tau = tau_mtl[key]
-        masks = key_masks(key, pretrained, finetuned, tau, lambdas, device)
-        if kept is not None:
-            for t, m in enumerate(masks):
+    for key, base, tau, thetas in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
+        multi = base + tau
+        merged = []
+        for t, m in enumerate(_key_masks(base, multi, thetas, lambdas)):
+            if kept is not None:
                 kept[t][key] = m.cpu()
-        yield key, [Update(tau * m, 1.0) for m in masks]
+            # θ0 + m ⊙ τ_MTL at scale 1 is θ_MTL where m holds and θ0 elsewhere: one select, same values
+            merged.append(torch.where(m, multi, base))
+        yield key, merged
 
 
 @register("consensus", linear_in="scaling", memory=CARRIES_MTL)
@@ -151,12 +178,12 @@ def consensus(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     if min_tasks < 0:
         raise ValueError(f"min_tasks={min_tasks} must be >= 0")
-    tau_mtl = _shared_mtl(pretrained, finetuned, use_ties, device, cache, scratch)
     lambdas = _lambdas(mask_lambda, len(finetuned))
-    for key in float_keys(pretrained):
-        tau = tau_mtl[key]
-        count = torch.stack(key_masks(key, pretrained, finetuned, tau, lambdas, device)).sum(0)
-        yield key, Update(tau * (count >= min_tasks).to(tau.device), scaling)
+    for key, base, tau, thetas in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
+        count = torch.zeros(tau.shape, dtype=torch.int16, device=tau.device)  # T < 2^15 tasks
+        for m in _key_masks(base, base + tau, thetas, lambdas):
+            count.add_(m)
+        yield key, Update(tau * (count >= min_tasks), scaling)
 
 
 def save_masks(path: str | os.PathLike, masks: Masks) -> None:

@@ -47,7 +47,10 @@ class LowRank(NamedTuple):
 def resolve(base: torch.Tensor, value) -> torch.Tensor:
     """The merged tensor of one value, in ``base``'s dtype and device: θ0 + s·Δ in float32, or the value."""
     if isinstance(value, (Update, LowRank)):
-        out = base.to(device=value.delta.device, dtype=torch.float32) + value.scale * value.delta.float()
+        # one new tensor, not two: s·Δ, then θ0 added in place (the same sum as θ0 + s·Δ, bit for bit;
+        # torch.add(θ0, Δ, alpha=s) would round differently, through a fused multiply-add)
+        out = torch.mul(value.delta.float(), value.scale)
+        out.add_(base.to(device=out.device, dtype=torch.float32))
         return out.to(device=base.device, dtype=base.dtype)
     return value.to(device=base.device, dtype=base.dtype)
 
