@@ -53,9 +53,12 @@ def fisher(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             continue
         num = torch.zeros_like(thetas[0])
         den = torch.zeros_like(thetas[0])
+        weighted = None  # one buffer for every task's floored, weighted Fisher
         for w, f, th in zip(weights, fishers, thetas):
             f = f[item.start:item.stop] if isinstance(item, Part) else f
-            f = w * f.to(device=device, dtype=torch.float32).clamp_min(floor)
-            num += f * th
-            den += f
-        yield item, num / den
+            weighted = torch.clamp_min(f.to(device=device, dtype=torch.float32), floor, out=weighted)
+            if w != 1.0:
+                weighted.mul_(w)
+            num.addcmul_(weighted, th)
+            den += weighted
+        yield item, num.div_(den)
