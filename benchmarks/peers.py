@@ -75,8 +75,11 @@ ROWS = {
     "iso_c": Row("α=1", {"scaling": 1.0}, {"scaling": 1.0}),
     "iso_cts": Row("α=1, common 0.8", {"scaling": 1.0, "common_space_fraction": 0.8},
                    {"scaling": 1.0, "common_space_fraction": 0.8}),
-    # both: Adam lr 1e-5; FusionBench averages the non-2-D tensors (taskmerge's others="average")
-    "wudi": Row("300 iterations", {"iterations": 300, "others": "average"}, {"iter_num": 300}),
+    # FusionBench averages the pairwise angles (taskmerge's average="angle"; its default is mergekit's cosines)
+    "model_stock": Row("angle average", {"average": "angle"}, {}),
+    # both: Adam lr 1e-5; FusionBench averages the non-2-D tensors (taskmerge's others="average"). 3 of the
+    # official 300 steps: FusionBench's autograd step costs ≈ 0.5 TFLOP per ViT-B/32 layer, hours on 2 cores
+    "wudi": Row("3 Adam steps (official 300)", {"iterations": 3, "others": "average"}, {"iter_num": 3}),
 }
 
 

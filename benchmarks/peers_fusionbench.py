@@ -224,6 +224,13 @@ def iso_cts(inp, scaling: float, common_space_fraction: float) -> Callable:
     return lambda: algo.run(pool)
 
 
+def model_stock(inp) -> Callable:
+    from fusion_bench.method.model_stock.model_stock import ModelStock
+
+    algo, pool = ModelStock(ignore_keys=[]), _pool(inp)
+    return lambda: algo.run(pool)
+
+
 def wudi(inp, iter_num: int) -> Callable:
     from fusion_bench.method.wudi.wudi import WUDIMerging
 

@@ -66,14 +66,14 @@ def test_harness_runs_taskmerge_rows_and_skips_missing_peer(tmp_path, capsys):
 
 
 def test_new_methods_rows_run_with_their_hyperparameters(tmp_path):
-    """The rows of methods that landed after the harness (iso_c, iso_cts, wudi) run in taskmerge as configured."""
+    """The rows of methods that landed after the harness (iso_c, iso_cts, wudi, model_stock) run in taskmerge as configured."""
     peers = _load("peers")
     out = tmp_path / "rows.jsonl"
-    rc = peers.main(["--models", "tiny", "--tasks", "2", "--methods", "iso_c", "iso_cts", "wudi",
+    rc = peers.main(["--models", "tiny", "--tasks", "2", "--methods", "iso_c", "iso_cts", "wudi", "model_stock",
                      "--peers", "taskmerge", "--repeats", "1", "--json", str(out)])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["method"] for r in rows] == ["iso_c", "iso_cts", "wudi"]
+    assert [r["method"] for r in rows] == ["iso_c", "iso_cts", "wudi", "model_stock"]
     for r in rows:
         assert r["status"] == "ok", r
         assert r["output_bytes"] > 0 and r["seconds"] > 0
