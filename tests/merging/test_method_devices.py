@@ -9,23 +9,10 @@ import pytest
 import torch
 
 from taskmerge.merging import get_method
-from test_streamed_equals_memory import CASES, adapters, base_model, finetuned, layer_stats_from, statistics
+from test_streamed_equals_memory import CASES, method_inputs
 
 IDS = [f"{n}-{'-'.join(map(str, h.values()))}" for n, h in CASES]
 RANDOM = {"dare", "della"}
-
-
-def _inputs(method):
-    base = base_model(torch.float32)
-    fts = [finetuned(base, s) for s in (1, 2, 3)]
-    context = {"kinds": None}
-    if "stats" in method.context:
-        context["stats"] = [statistics(base, s) for s in (1, 2, 3)]
-    if "layer_stats" in method.context:
-        context["layer_stats"] = layer_stats_from([statistics(base, s) for s in (1, 2, 3)])
-    if method.inputs == "lora":
-        context["lora"] = [adapters(base, s) for s in (1, 2, 3)]
-    return base, fts, context
 
 
 def _models(out):
@@ -39,7 +26,7 @@ def _random(name, hp):
 @pytest.mark.parametrize("name,hp", CASES, ids=IDS)
 def test_explicit_cpu_device_equals_the_default(name, hp):
     method = get_method(name)
-    base, fts, context = _inputs(method)
+    base, fts, context = method_inputs(method, torch.float32)
     default = _models(method(base, fts, hp, **context))
     explicit = _models(method(base, fts, hp, **context, device=torch.device("cpu")))
     for a, b in zip(default, explicit):
@@ -51,7 +38,7 @@ def test_explicit_cpu_device_equals_the_default(name, hp):
 @pytest.mark.parametrize("name,hp", CASES, ids=IDS)
 def test_cuda_device_returns_cpu_results_equal_to_the_cpu_run(name, hp):
     method = get_method(name)
-    base, fts, context = _inputs(method)
+    base, fts, context = method_inputs(method, torch.float32)
     cpu = _models(method(base, fts, hp, **context))
     gpu = _models(method(base, fts, hp, **context, device="cuda"))
     assert len(gpu) == len(cpu)

@@ -63,6 +63,20 @@ def layer_stats_from(stats):
     return callback
 
 
+def method_inputs(method, dtype):
+    """(θ0, three fine-tuned models, the context the method declares) for one registered method."""
+    base = base_model(dtype)
+    fts = [finetuned(base, s) for s in (1, 2, 3)]
+    context = {"kinds": None}
+    if "stats" in method.context:
+        context["stats"] = [statistics(base, s) for s in (1, 2, 3)]
+    if "layer_stats" in method.context:
+        context["layer_stats"] = layer_stats_from([statistics(base, s) for s in (1, 2, 3)])
+    if method.inputs == "lora":
+        context["lora"] = [adapters(base, s) for s in (1, 2, 3)]
+    return base, fts, context
+
+
 def write(state, folder):
     with ShardedWriter(folder, specs_of(state), max_shard_bytes=300) as w:
         for k in reversed(list(state)):
@@ -92,15 +106,7 @@ TOLERANCE: dict[str, float] = {}
 @pytest.mark.parametrize("name,hp", CASES, ids=[f"{n}-{'-'.join(map(str, h.values()))}" for n, h in CASES])
 def test_streamed_equals_in_memory(tmp_path, name, hp, dtype):
     method = get_method(name)
-    base = base_model(dtype)
-    fts = [finetuned(base, s) for s in (1, 2, 3)]
-    context = {"kinds": None}
-    if "stats" in method.context:
-        context["stats"] = [statistics(base, s) for s in (1, 2, 3)]
-    if "layer_stats" in method.context:
-        context["layer_stats"] = layer_stats_from([statistics(base, s) for s in (1, 2, 3)])
-    if method.inputs == "lora":
-        context["lora"] = [adapters(base, s) for s in (1, 2, 3)]
+    base, fts, context = method_inputs(method, dtype)
     want = method(base, fts, hp, **context)
 
     lazy_base = write(base, tmp_path / "base")
