@@ -136,8 +136,9 @@ def run_row(args, index: int, method: str) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--root", args.root, "--layers", str(args.layers),
                                "--peer-dir", args.peer_dir, "--child", json.dumps([method, peer, str(out)])]
                               + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
-        if proc.returncode != 0:
-            res[peer] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        if proc.returncode != 0:  # a negative code is the signal (-9: killed, e.g. out of memory)
+            lines = [ln for ln in proc.stderr.strip().splitlines() if "Error" in ln or "error" in ln]
+            res[peer] = {"error": f"exit {proc.returncode}" + (f": {lines[-1]}" if lines else "")}
             continue
         res[peer] = json.loads(proc.stdout.strip().splitlines()[-1])
     outs = [Path(args.root) / f"out-{p}" for p in PEERS]
