@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-
 from taskmerge.merging.inputs import task_vector_sum, walk
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register

@@ -104,11 +104,8 @@ def task_vector_sum(item, pretrained: Mapping, finetuned: Sequence[Mapping], dev
         theta = read(sd, item).to(device=device, dtype=torch.float32)
         if acc is None:
             acc = theta - base
-        elif tmp is None:
-            tmp = theta - base
-            acc.add_(tmp)
-        else:
-            acc.add_(torch.sub(theta, base, out=tmp))
+        else:  # out=None on the first pass allocates the buffer
+            acc.add_(tmp := torch.sub(theta, base, out=tmp))
     if acc is None:
         raise ValueError("the list of fine-tuned models is empty")
     return acc
