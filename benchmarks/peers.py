@@ -23,7 +23,7 @@ Peers: FusionBench is imported only in its worker, from a ``pip install --target
 ``sys.path`` there; the taskmerge worker imports this checkout's ``src/``. A peer that is not
 installed gives "not installed" cells, nothing else. A row for a method taskmerge does not have
 (absent from ``taskmerge.merging.METHODS``) says so; its FusionBench side runs only with
-``--peer-only-rows``. mergekit rows are not implemented yet.
+``--peer-only-rows``. The mergekit rows are ``peers_mergekit.py`` (on-disk merges at Llama-3-8B width).
 
     flock /tmp/taskmerge-heavy.lock .venv/bin/python benchmarks/peers.py --models vit-b-32 vit-l-14
 
