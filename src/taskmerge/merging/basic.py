@@ -23,7 +23,7 @@ def average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=Non
     Computed as θ0 + mean_t τ_t (task arithmetic with λ = 1/T). No hyperparameters.
     """
     for item in walk(pretrained, chunk_numel):
-        yield item, Update(task_vector_sum(item, pretrained, finetuned, device).div_(len(finetuned)), 1.0)
+        yield item, Update(task_vector_sum(item, pretrained, finetuned, device).div_(len(finetuned)), 1.0, owned=True)
 
 
 @register("task_arithmetic", linear_in="scaling", memory=SUMMED)
@@ -36,4 +36,4 @@ def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *, sc
             Negative λ is task negation (forgetting by subtracting τ, the paper's §3).
     """
     for item in walk(pretrained, chunk_numel):
-        yield item, Update(task_vector_sum(item, pretrained, finetuned, device), scaling)
+        yield item, Update(task_vector_sum(item, pretrained, finetuned, device), scaling, owned=True)

@@ -91,24 +91,48 @@ def task_vectors(item, pretrained: Mapping, finetuned: Sequence[Mapping], dtype:
     return [read(sd, item).to(device=device, dtype=dtype) - base for sd in finetuned]
 
 
+_BLOCK = 1 << 18  # elements: a difference this size stays in cache and is never a model-sized allocation
+
+
+def task_stack(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None) -> torch.Tensor:
+    """[τ_1 … τ_T] of one key (or row chunk) as one float32 [T, *shape] tensor, written in place (the
+    values of ``torch.stack(task_vectors(...))`` with one allocation instead of T + 1)."""
+    base = read(pretrained, item).to(device=device, dtype=torch.float32)
+    out = base.new_empty((len(finetuned), *base.shape))
+    for t, sd in enumerate(finetuned):
+        torch.sub(_upcastable(read(sd, item).to(device=base.device)), base, out=out[t])
+    return out
+
+
+def _upcastable(theta: torch.Tensor) -> torch.Tensor:
+    """``theta`` as a float32 subtraction may take it: bf16/fp16/fp32 are upcast exactly inside the
+    operation (no float32 copy); float64 is rounded first, as ``.float()`` would."""
+    return theta.float() if torch.promote_types(theta.dtype, torch.float32) != torch.float32 else theta
+
+
 def task_vector_sum(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None) -> torch.Tensor:
     """Σ_t (θ_t − θ0) for one key (or row chunk) in float32, accumulated in place in task order.
 
-    The same sums, in the same order, as ``torch.stack(task_vectors(...)).sum(0)`` with two buffers
-    instead of 2T + 1 tensors: one upcast task tensor is alive at a time (Task Arithmetic, averaging,
-    τ_MTL of TALL/Consensus).
+    The same sums, in the same order, as ``torch.stack(task_vectors(...)).sum(0)``, with one buffer
+    the size of the key (the result) and one small difference buffer reused block by block: one task
+    tensor is read at a time and upcast inside the subtraction (no float32 copy of a bf16 input).
+    (Task Arithmetic, averaging, τ_MTL of TALL/Consensus.)
     """
     base = read(pretrained, item).to(device=device, dtype=torch.float32)
-    acc = tmp = None
-    for sd in finetuned:
-        theta = read(sd, item).to(device=device, dtype=torch.float32)
-        if acc is None:
-            acc = theta - base
-        else:  # out=None on the first pass allocates the buffer
-            acc.add_(tmp := torch.sub(theta, base, out=tmp))
-    if acc is None:
+    if not finetuned:
         raise ValueError("the list of fine-tuned models is empty")
-    return acc
+    flat_base, n = base.reshape(-1), base.numel()
+    acc = torch.empty_like(flat_base)
+    tmp = flat_base.new_empty(min(n, _BLOCK))
+    for t, sd in enumerate(finetuned):
+        theta = _upcastable(read(sd, item).to(device=base.device)).reshape(-1)
+        for s in range(0, n, _BLOCK):
+            e = min(n, s + _BLOCK)
+            if t == 0:
+                torch.sub(theta[s:e], flat_base[s:e], out=acc[s:e])
+            else:
+                acc[s:e].add_(torch.sub(theta[s:e], flat_base[s:e], out=tmp[:e - s]))
+    return acc.view(base.shape)
 
 
 def task_stream(pretrained: Mapping, finetuned: Sequence[Mapping], device=None, chunk_numel: int | None = None,

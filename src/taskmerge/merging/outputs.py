@@ -25,10 +25,16 @@ from taskmerge.merging.inputs import Part, key_of, read, shape_of
 
 
 class Update(NamedTuple):
-    """θ = θ0 + scale · delta (delta in float32)."""
+    """θ = θ0 + scale · delta (delta in float32).
+
+    ``owned``: the producer keeps no other reference to ``delta`` (a fresh tensor, not a cache or
+    carried state), so a consumer that resolves the value once may write the merged tensor into its
+    storage: no second model-sized allocation (the in-memory and on-disk consumers do).
+    """
 
     delta: torch.Tensor
     scale: float = 1.0
+    owned: bool = False
 
 
 class LowRank(NamedTuple):
@@ -47,9 +53,11 @@ class LowRank(NamedTuple):
 def resolve(base: torch.Tensor, value) -> torch.Tensor:
     """The merged tensor of one value, in ``base``'s dtype and device: θ0 + s·Δ in float32, or the value."""
     if isinstance(value, (Update, LowRank)):
-        # one new tensor, not two: s·Δ, then θ0 added in place (the same sum as θ0 + s·Δ, bit for bit;
-        # torch.add(θ0, Δ, alpha=s) would round differently, through a fused multiply-add)
-        out = torch.mul(value.delta.float(), value.scale)
+        # s·Δ, then θ0 added in place (the same sum as θ0 + s·Δ, bit for bit; torch.add(θ0, Δ, alpha=s)
+        # would round differently, through a fused multiply-add), in Δ's own storage when it is ours
+        delta = value.delta
+        owned = getattr(value, "owned", False) and delta.dtype == torch.float32
+        out = delta.mul_(value.scale) if owned else torch.mul(delta.float(), value.scale)
         out.add_(base.to(device=out.device, dtype=torch.float32))
         return out.to(device=base.device, dtype=base.dtype)
     return value.to(device=base.device, dtype=base.dtype)

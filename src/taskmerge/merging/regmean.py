@@ -43,15 +43,17 @@ def check_gram(gram: torch.Tensor, name: str) -> None:
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"{name}: a Gram must be square, got shape {tuple(gram.shape)}")
-    if not math.isfinite(float(gram.sum())):  # one fast reduction; NaN/Inf anywhere makes it non-finite
+    # symmetry through random probes (G v vs vᵀG): O(d²) with contiguous reads, unlike G − Gᵀ; a NaN or
+    # Inf anywhere in G makes its row of G v non-finite, so the same product checks finiteness
+    probe = torch.randn(gram.shape[0], 2, generator=torch.Generator().manual_seed(0)).to(gram)
+    right = gram @ probe
+    if not bool(torch.isfinite(right).all()):
         raise ValueError(f"{name}: Gram contains NaN or Inf")
     diag = gram.diagonal()
     tol = 1e-4 * float(diag.abs().max()) + 1e-30
     if float(diag.min()) < -tol:
         raise ValueError(f"{name}: Gram is not positive semi-definite (negative diagonal entry {float(diag.min()):.3g})")
-    # symmetry through random probes (G v vs vᵀG): O(d²) with contiguous reads, unlike G − Gᵀ
-    probe = torch.randn(gram.shape[0], 2, generator=torch.Generator().manual_seed(0)).to(gram)
-    if float((gram @ probe - (probe.T @ gram).T).abs().max()) > tol * float(probe.abs().sum(0).max()):
+    if float((right - (probe.T @ gram).T).abs().max()) > tol * float(probe.abs().sum(0).max()):
         raise ValueError(f"{name}: Gram is not symmetric")
     # 2×2 minors |G_ij| ≤ √G_ii √G_jj, checked row-wise as max_j |G_ij| / √G_jj ≤ √G_ii; the roots are
     # floored at √tol so that float32 noise around all-zero features passes
@@ -76,29 +78,32 @@ def solve_spd(A: torch.Tensor, B: torch.Tensor, name: str) -> torch.Tensor:
     Returns X with NaN rows where A had all-zero rows (for the caller to fill).
     """
     keep = A.diagonal() != 0
+    if bool(keep.all()):  # the usual case: no row to drop, no copies
+        return _solve_kept(A, B, name)
     X = torch.full((A.shape[0], B.shape[1]), float("nan"), dtype=A.dtype, device=A.device)
-    if not keep.any():
-        return X
-    Ak, Bk = A[keep][:, keep], B[keep]
+    if keep.any():
+        X[keep] = _solve_kept(A[keep][:, keep], B[keep], name)
+    return X
+
+
+def _solve_kept(Ak: torch.Tensor, Bk: torch.Tensor, name: str) -> torch.Tensor:
+    """X with Ak X = Bk, Ak without all-zero rows: Cholesky, then jitter, then least squares."""
     L, info = torch.linalg.cholesky_ex(Ak)
     if int(info) == 0:
-        X[keep] = torch.cholesky_solve(Bk, L)
-        return X
+        return torch.cholesky_solve(Bk, L)
     evals = torch.linalg.eigvalsh(Ak)
     scale = float(evals.abs().max())
     if float(evals.min()) < -1e-5 * scale:
         raise ValueError(f"{name}: the summed Gram is not positive definite (eigenvalue {float(evals.min()):.3g}, "
                          f"largest {scale:.3g}); the statistics are corrupt or not Grams")
-    eye = torch.eye(Ak.shape[0], dtype=A.dtype, device=A.device)
+    eye = torch.eye(Ak.shape[0], dtype=Ak.dtype, device=Ak.device)
     for eps in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3):
         L, info = torch.linalg.cholesky_ex(Ak + eps * scale * eye)
         if int(info) == 0:
             log.debug("%s: singular Gram, solved with jitter %.0e", name, eps)
-            X[keep] = torch.cholesky_solve(Bk, L)
-            return X
+            return torch.cholesky_solve(Bk, L)
     log.warning("%s: Gram too ill-conditioned for a jittered Cholesky; using least squares", name)
-    X[keep] = torch.linalg.lstsq(Ak, Bk).solution
-    return X
+    return torch.linalg.lstsq(Ak, Bk).solution
 
 
 @register("regmean", memory="one key of every input and its Grams (one [in, in] system at a time)")
@@ -143,16 +148,18 @@ def regmean_tensor(key: str, weights: Sequence[torch.Tensor], grams: Sequence[to
                    off_diagonal_scale: float) -> torch.Tensor:
     """One merged tensor: the RegMean solve of a Linear weight with one input Gram per task, the
     average of ``weights`` without Grams (and for input features no task activated)."""
-    mean = torch.stack(list(weights)).mean(0)
+    mean = lambda: torch.stack(list(weights)).mean(0)  # noqa: E731  (built only where it is used)
     if grams is None:
-        return mean
-    A = torch.zeros(mean.shape[1], mean.shape[1], device=mean.device)
-    B = torch.zeros(mean.shape[1], mean.shape[0], device=mean.device)
+        return mean()
+    out_dim, in_dim = weights[0].shape
+    A = weights[0].new_zeros(in_dim, in_dim)
+    B = weights[0].new_zeros(in_dim, out_dim)
     for t, (g, w) in enumerate(zip(grams, weights)):
-        g = g.to(device=mean.device, dtype=torch.float32)
+        g = g.to(device=A.device, dtype=torch.float32)
         check_gram(g, f"stats[{t}]: {gram_in_key(key)}")
         g = scale_off_diagonal(g, off_diagonal_scale)
         A += g
-        B += g @ w.T
-    X = solve_spd(A, B, gram_in_key(key))
-    return torch.where(torch.isnan(X.T), mean, X.T)
+        B.addmm_(g, w.T)  # B += G̃_t W_tᵀ without a temporary
+    X = solve_spd(A, B, gram_in_key(key)).T
+    missing = torch.isnan(X)
+    return torch.where(missing, mean(), X) if bool(missing.any()) else X.contiguous()
