@@ -29,6 +29,7 @@ import torch
 
 from taskmerge.merging.inputs import shape_of, task_stream
 from taskmerge.merging.iso_c import mean_task_vector
+from taskmerge.merging.lowrank_svd import parallel_map, top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.primitives import memo
 from taskmerge.merging.registry import Range, StateDict, register
@@ -50,9 +51,8 @@ def centred_low_rank_sum(taus: Sequence[torch.Tensor], mean: torch.Tensor, rank_
     total = torch.zeros_like(mean)
     if r == 0:
         return total
-    for tau in taus:
-        u, s, vh = torch.linalg.svd(tau - mean, full_matrices=False)
-        total += (u[:, :r] * s[:r]) @ vh[:r]
+    for u, s, vh in parallel_map(lambda tau: top_svd(tau - mean, r), taus, mean.device):
+        total += (u * s) @ vh
     return total
 
 

@@ -31,7 +31,7 @@ import torch
 
 from taskmerge.merging.inputs import shape_of, task_stream
 from taskmerge.merging.iso_c import mean_task_vector
-from taskmerge.merging.lowrank_svd import polar, top_svd
+from taskmerge.merging.lowrank_svd import parallel_map, polar, top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.tsv import _svd_this
@@ -52,16 +52,13 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
     """Δ_iso of one weight matrix (α = 1), equations in the module docstring."""
     common, per_task = subspace_sizes(min(taus[0].shape), len(taus), fraction)
     u_c, s_c, vh_c = top_svd(torch.stack(list(taus)).sum(0), common)
-    us, ss, vs = [], [], []
-    for tau in taus:
-        u_t, s_t, vh_t = top_svd(tau - u_c @ (u_c.T @ tau), per_task)
-        us.append(u_t)
-        ss.append(s_t)
-        vs.append(vh_t)
-    u_all = torch.cat(us + [u_c], dim=1)
-    s_all = torch.cat(ss + [s_c])
-    vh_all = torch.cat(vs + [vh_c], dim=0)
-    return (polar(u_all) * s_all.mean()) @ polar(vh_all)
+    specific = parallel_map(lambda tau: top_svd(tau - u_c @ (u_c.T @ tau), per_task), taus, u_c.device)
+    us, ss, vs = zip(*specific) if specific else ((), (), ())
+    u_all = torch.cat([*us, u_c], dim=1)
+    s_all = torch.cat([*ss, s_c])
+    vh_all = torch.cat([*vs, vh_c], dim=0)
+    polar_u, polar_vh = parallel_map(polar, [u_all, vh_all], u_all.device)
+    return (polar_u * s_all.mean()) @ polar_vh
 
 
 @register("iso_cts", linear_in="scaling",

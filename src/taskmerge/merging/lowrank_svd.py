@@ -52,12 +52,17 @@ against 0.14 s on one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 _CONTROLLER = []
+_WORKER = threading.local()
+_T = TypeVar("_T")
 
 
 def _one_lapack_thread():
@@ -71,6 +76,35 @@ def _one_lapack_thread():
 
         _CONTROLLER.append(ThreadpoolController())
     return _CONTROLLER[0].limit(limits=1, user_api="blas")
+
+
+def parallel_map(fn: Callable[..., _T], items: Iterable, device: torch.device | str | None = None) -> list[_T]:
+    """``[fn(x) for x in items]``, on CPU spread over ``torch.get_num_threads()`` Python threads with one
+    BLAS/LAPACK thread each (torch's and SciPy's), in order; sequential on another device or when nested.
+
+    For independent dense decompositions (a task's top-r SVD, a polar factor): LAPACK's eigensolvers and
+    SVDs use a second core poorly (the tridiagonal reduction is many small parallel regions), so two of
+    them side by side, one thread each, use two cores better than one after the other on two threads;
+    and no worker waits on a descheduled sibling thread when the machine is loaded. The results are
+    the same as sequential ones: each call runs the same one-thread code. ``fn`` must not depend on
+    the other calls (they run concurrently).
+    """
+    items = list(items)
+    workers = min(len(items), torch.get_num_threads())
+    if workers < 2 or torch.device(device or "cpu").type != "cpu" or getattr(_WORKER, "active", False):
+        return [fn(x) for x in items]
+
+    def one_thread(x):
+        _WORKER.active = True  # nested parallel_map calls in a worker run sequentially
+        torch.set_num_threads(1)  # per thread for MKL and OpenMP: set in the worker itself
+        return fn(x)
+
+    threads = torch.get_num_threads()
+    try:
+        with _one_lapack_thread(), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one_thread, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _tol(dtype: torch.dtype) -> float:

@@ -28,7 +28,7 @@ from typing import Iterator, Literal, Mapping, Sequence
 import torch
 
 from taskmerge.merging.inputs import float_keys, read, shape_of, task_stream, task_vectors
-from taskmerge.merging.lowrank_svd import polar, top_svd
+from taskmerge.merging.lowrank_svd import parallel_map, polar, top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register
 from taskmerge.merging.selection import is_matrix, name_matches
@@ -54,8 +54,7 @@ def _stack_top_triplets(taus: Sequence[torch.Tensor]):
     sum_v = ref.new_zeros(k, in_dim)
     if r == 0:
         return sum_u, sum_s, sum_v
-    for i, tau in enumerate(taus):
-        u, s, vh = top_svd(tau, r)
+    for i, (u, s, vh) in enumerate(parallel_map(lambda tau: top_svd(tau, r), taus, ref.device)):
         sum_u[:, i * r:(i + 1) * r] = u
         sum_s[i * r:(i + 1) * r] = s
         sum_v[i * r:(i + 1) * r] = vh
@@ -84,7 +83,8 @@ def tsv_merge_matrix(taus: Sequence[torch.Tensor], variant: str = "polar") -> to
         return torch.zeros_like(taus[0])
     if variant == "polar":
         n = int(min(taus[0].shape) / len(taus)) * len(taus)  # the filled slots (module docstring)
-        return (polar(sum_u[:, :n]) * sum_s[:n]) @ polar(sum_v[:n])
+        polar_u, polar_v = parallel_map(polar, [sum_u[:, :n], sum_v[:n]], sum_u.device)
+        return (polar_u * sum_s[:n]) @ polar_v
     if variant == "eigen":
         sum_s, order = torch.sort(sum_s, stable=True)
         sum_u, sum_v = sum_u[:, order], sum_v[order]
@@ -165,6 +165,7 @@ def tsv_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     for key in float_keys(pretrained):
         if _svd_this(key, shape_of(pretrained, key), svd_scope, svd_exclude, kinds):
             taus = task_vectors(key, pretrained, finetuned, device=device)
-            yield key, [Update(low_rank(tau, len(finetuned)), 1.0) for tau in taus]
+            compressed = parallel_map(lambda tau: low_rank(tau, len(finetuned)), taus, taus[0].device)
+            yield key, [Update(delta, 1.0, owned=True) for delta in compressed]
         else:
             yield key, [read(sd, key).clone() for sd in finetuned]
