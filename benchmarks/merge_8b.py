@@ -10,9 +10,16 @@ vocab 128256, hidden 4096, MLP 14336, 32 query / 8 key-value heads, 3 labels; bf
 included). Each method runs in a fresh subprocess (``--child``) under ``io.merge_writer.write_merged`` (what ``taskmerge merge`` runs) and reports
 its own wall time and peak RSS (``ru_maxrss``: the reader uses ``pread``, not mmap, so RSS is what
 the process holds). Per-tensor write times give the per-layer cost, from which a 32-layer
-figure is extrapolated (labelled as such in the output).
+figure is extrapolated (labelled as such in the output); ``--layers 32`` is measured, not extrapolated.
+
+The disk must hold base, 3 fine-tuned models and the output (plus OPCM's float32 τ̄ spill): the run
+prints what it will write and refuses when the disk lacks it. ``--finetuned-on-the-fly`` writes only the
+base: the fine-tuned tensors are generated from it at every read (``FinetunedOnTheFly``, the same values
+as on disk), the output and results say so, and their generation time is part of each wall time.
 
     flock /tmp/taskmerge-heavy.lock .venv/bin/python benchmarks/merge_8b.py --root /work/tmp-merge8b --layers 2
+    flock /tmp/taskmerge-heavy.lock .venv/bin/python benchmarks/merge_8b.py --root /work/tmp-merge8b --layers 32 \
+        --finetuned-on-the-fly --methods task_arithmetic,ties,tsv_m,opcm
 """
 from __future__ import annotations
 
@@ -25,12 +32,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 VOCAB, HIDDEN, MLP, HEADS, KV_HEADS, LABELS, FULL_LAYERS = 128256, 4096, 14336, 32, 8, 3, 32
 HEAD_DIM = HIDDEN // HEADS
+NOISE = 1e-3  # fine-tuned = base + NOISE·N(0,1)
+BLOCK_NUMEL = 2**25  # elements per generated block of a tensor (each block has its own seed)
 METHODS = {  # name -> (inputs, hyperparameters)
     "task_arithmetic": ("full", {"scaling": 0.3}),
     "ties": ("full", {"k": 20, "scaling": 1.0, "trim_scope": "global"}),
@@ -72,6 +82,18 @@ def _tensor(seed: int, shape, scale: float) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * scale).to(torch.bfloat16)
 
 
+def block_rows(shape) -> int:
+    """Rows per generated block (BLOCK_NUMEL elements; a 1-D tensor is one block). Every block has its
+    own seed, so any rows of a tensor can be generated without the rest."""
+    return max(1, BLOCK_NUMEL // numel(shape[1:]) if len(shape) > 1 else shape[0])
+
+
+def _noise_block(seed: int, idx: int, start: int, shape, noise: float) -> torch.Tensor:
+    """The fine-tuning noise of model ``seed`` for the block of tensor ``idx`` starting at row ``start``."""
+    rows = (min(block_rows(shape), shape[0] - start), *shape[1:])
+    return _tensor(10**7 * seed + 1000 * idx + start, rows, noise)
+
+
 def build_model(folder: Path, layers: int, seed: int, noise: float) -> None:
     """Base (noise=0) or fine-tuned (base + noise·N(0,1)) model; one tensor in memory at a time."""
     from taskmerge.io.sharded import ShardedWriter
@@ -79,13 +101,59 @@ def build_model(folder: Path, layers: int, seed: int, noise: float) -> None:
     shapes = model_shapes(layers)
     with ShardedWriter(folder, [(k, s, torch.bfloat16) for k, s in shapes], max_shard_bytes=5 * 2**30) as w:
         for idx, (key, shape) in enumerate(shapes):
-            step = max(1, 2**25 // numel(shape[1:]) if len(shape) > 1 else shape[0])
+            step = block_rows(shape)
             for start in range(0, shape[0], step):
                 rows = (min(step, shape[0] - start), *shape[1:])
                 t = _tensor(1000 * idx + start, rows, 0.02).float()
                 if noise:
-                    t += _tensor(10**7 * seed + 1000 * idx + start, rows, noise).float()
+                    t += _noise_block(seed, idx, start, shape, noise).float()
                 w.write_rows(key, start, t.to(torch.bfloat16))
+
+
+class FinetunedOnTheFly(Mapping):
+    """Fine-tuned model ``seed`` generated from the base at every read, never stored: base + noise·N(0,1)
+    in bf16, bit-identical to what ``build_model(folder, layers, seed, noise)`` writes to disk.
+
+    ``rows(key, a, b)`` reads rows a:b of the base and generates only the noise blocks that overlap
+    them (each block from its own seed), so its cost grows with b − a and the values do not depend on
+    how a caller splits its reads. Offers what ``write_merged`` and the methods use of a
+    ``ShardedReader``: the mapping in the base's (= build_model's) key order, ``shape``, ``dtype``, ``rows``.
+    """
+
+    def __init__(self, base, seed: int, noise: float = NOISE):
+        self.base, self.seed, self.noise = base, seed, noise
+        self.index = {key: i for i, key in enumerate(base)}  # the seed's tensor index, as in build_model
+        self.generate_s = 0.0  # seconds spent making noise and adding it (the child reports it)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        shape, idx = self.base.shape(key), self.index[key]
+        out = self.base.rows(key, start, stop)
+        t0, step = time.perf_counter(), block_rows(shape)
+        for s in range(start - start % step, stop, step):
+            lo, hi = max(start, s), min(stop, s + step)
+            noise = _noise_block(self.seed, idx, s, shape, self.noise)[lo - s:hi - s]
+            # the same float32 sum and bf16 rounding as build_model
+            out[lo - start:hi - start] = (out[lo - start:hi - start].float() + noise.float()).to(torch.bfloat16)
+        self.generate_s += time.perf_counter() - t0
+        return out
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.rows(key, 0, self.base.shape(key)[0])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.base.dtype(key)
+
+    def __iter__(self):
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __contains__(self, key) -> bool:
+        return key in self.base
 
 
 def build_adapter(folder: Path, layers: int, seed: int, r: int = 16) -> None:
@@ -118,6 +186,8 @@ def child(args) -> None:
     out = root / f"out-{method}"
     shutil.rmtree(out, ignore_errors=True)
     base = ShardedReader(root / "base")
+    fts = [FinetunedOnTheFly(base, i + 1) if args.finetuned_on_the_fly else ShardedReader(root / f"ft{i}")
+           for i in range(3)] if kind == "full" else []
     times, t0 = [], time.perf_counter()
     on_write = lambda key: times.append((key, time.perf_counter() - t0))  # noqa: E731
     if kind == "lora":
@@ -125,12 +195,15 @@ def child(args) -> None:
         write_merged(get_method(method), base, lora, out, hparams=hp, context={"lora": lora}, progress=False,
                      on_write=on_write)
     else:  # the scratch (OPCM's τ̄) lives beside the output, under root
-        write_merged(get_method(method), base, [ShardedReader(root / f"ft{i}") for i in range(3)], out, hparams=hp,
-                     progress=False, on_write=on_write)
+        write_merged(get_method(method), base, fts, out, hparams=hp, progress=False, on_write=on_write)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    shutil.rmtree(out, ignore_errors=True)
-    print(json.dumps({"method": method, "wall_s": wall, "peak_rss_bytes": rss, "writes": times}))
+    if not args.keep_outputs:
+        shutil.rmtree(out, ignore_errors=True)
+    row = {"method": method, "wall_s": wall, "peak_rss_bytes": rss, "writes": times}
+    if kind == "full" and args.finetuned_on_the_fly:  # included in wall_s: generation, not a disk read
+        row["finetuned_generated_s"] = sum(ft.generate_s for ft in fts)
+    print(json.dumps(row))
 
 
 def extrapolate(result: dict, layers: int) -> float:
@@ -152,12 +225,44 @@ def extrapolate(result: dict, layers: int) -> float:
     return first * pre_scale + layer_t * FULL_LAYERS / layers + other_t + tail
 
 
+GiB = 2**30
+DISK_SPARE = 5 * GiB  # left free: a disk filled mid-write kills this run and whatever else writes there
+
+
+def disk_needs(root: Path, layers: int, methods: list[str], on_the_fly: bool, keep_outputs: bool
+               ) -> list[tuple[str, int]]:
+    """(what, bytes) this run still writes under ``root``: the inputs not built yet, then the merged
+    output (one at a time: each is removed after its method unless kept) with OPCM's τ̄ spill beside it."""
+    model = 2 * sum(numel(s) for _, s in model_shapes(layers))  # bf16
+    kinds = {METHODS[m][0] for m in methods}
+    needs = [] if (root / "base").exists() else [("base", model)]
+    if "full" in kinds and on_the_fly:
+        needs.append(("3 fine-tuned generated on the fly", 0))
+    elif "full" in kinds:
+        todo = sum(not (root / f"ft{i}").exists() for i in range(3))
+        needs += [(f"{todo} fine-tuned", todo * model)] if todo else []
+    if "lora" in kinds:
+        todo = sum(not (root / f"lora{i}").exists() for i in range(6))
+        per_layer = sum(2 * 16 * sum(s) for k, s in layer_shapes(0) if "self_attn" in k)  # r=16, bf16
+        needs += [(f"{todo} LoRA adapters", todo * layers * per_layer)] if todo else []
+    outputs = len(methods) if keep_outputs else 1
+    needs.append((f"{outputs} merged output{'s' if outputs > 1 else ''}", outputs * model))
+    if "opcm" in methods:
+        needs.append(("OPCM's τ̄ spill (float32)", 2 * model))
+    return needs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", required=True, help="scratch folder on a disk with room (removed afterwards)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers built at full width (of 32)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--finetuned-on-the-fly", action="store_true",
+                    help="do not write the 3 fine-tuned models: generate them from the base at every read "
+                         "(FinetunedOnTheFly, the same values as on disk); the disk holds base + output only")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic inputs")
+    ap.add_argument("--keep-outputs", action="store_true",
+                    help="keep each merged model as ROOT/out-METHOD (and the inputs): for checking results")
     ap.add_argument("--json", help="results file (default: benchmarks/merge_8b_results.json)")
     ap.add_argument("--tiny", action="store_true", help="smoke test: shrink every dimension")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -168,16 +273,25 @@ def main() -> None:
         HEAD_DIM = HIDDEN // HEADS
     if args.child:
         return child(args)
-    root = Path(args.root)
+    root, methods, on_the_fly = Path(args.root), args.methods.split(","), args.finetuned_on_the_fly
+    needs = disk_needs(root, args.layers, methods, on_the_fly, args.keep_outputs)
+    need = sum(n for _, n in needs)
+    existing = next(p for p in [root, *root.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    print(f"disk: {' + '.join(f'{what} {n / GiB:.1f} GiB' for what, n in needs)} = {need / GiB:.1f} GiB "
+          f"to write under {root}; {free / GiB:.1f} GiB free", flush=True)
+    if need + DISK_SPARE > free:
+        sys.exit(f"not enough disk: {need / GiB:.1f} GiB needed + {DISK_SPARE / GiB:.0f} GiB kept spare > "
+                 f"{free / GiB:.1f} GiB free under {existing} (try --finetuned-on-the-fly, fewer methods or layers)")
     root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        kinds = {METHODS[m][0] for m in args.methods.split(",")}  # build only what the methods read
+        kinds = {METHODS[m][0] for m in methods}  # build only what the methods read
         if not (root / "base").exists():
             build_model(root / "base", args.layers, 0, 0.0)
-        for i in range(3 if "full" in kinds else 0):
+        for i in range(3 if "full" in kinds and not on_the_fly else 0):
             if not (root / f"ft{i}").exists():
-                build_model(root / f"ft{i}", args.layers, i + 1, 1e-3)
+                build_model(root / f"ft{i}", args.layers, i + 1, NOISE)
         for i in range(6 if "lora" in kinds else 0):
             if not (root / f"lora{i}").exists():
                 build_adapter(root / f"lora{i}", args.layers, 100 + i)
@@ -185,33 +299,48 @@ def main() -> None:
         disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
         params = sum(numel(s) for _, s in model_shapes(args.layers))
         print(f"inputs: {params / 1e9:.2f}B parameters per model ({args.layers} of {FULL_LAYERS} decoder layers at "
-              f"full width), {disk / 2**30:.1f} GiB on disk, built in {build_s:.0f}s", flush=True)
-        rows = []
-        for method in args.methods.split(","):
+              f"full width), {disk / GiB:.1f} GiB on disk, built in {build_s:.0f}s"
+              + ("; the 3 fine-tuned models are generated on the fly, not read from disk" if on_the_fly else ""),
+              flush=True)
+        rows, full = [], args.layers == FULL_LAYERS
+        for method in methods:
             proc = subprocess.run([sys.executable, __file__, "--root", str(root), "--layers", str(args.layers),
-                                   "--child", method] + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+                                   "--child", method] + (["--tiny"] if args.tiny else [])
+                                  + (["--finetuned-on-the-fly"] if on_the_fly else [])
+                                  + (["--keep-outputs"] if args.keep_outputs else []), capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{method}: FAILED\n{proc.stderr[-3000:]}", flush=True)
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
-            full = args.layers == FULL_LAYERS
             if not full:
                 res["extrapolated_32_s"] = extrapolate(res, args.layers)
             rows.append(res)
-            print(f"{method}: {res['wall_s']:.1f}s, peak RSS {res['peak_rss_bytes'] / 2**30:.2f} GiB"
+            gen = res.get("finetuned_generated_s")
+            print(f"{method}: {res['wall_s']:.1f}s, peak RSS {res['peak_rss_bytes'] / GiB:.2f} GiB"
+                  + ("" if gen is None else f" (of which {gen:.1f}s generating the fine-tuned inputs)")
                   + ("" if full else f" (extrapolated to 32 layers: {res['extrapolated_32_s'] / 60:.1f} min)"),
                   flush=True)
         print(f"\n| method | inputs | measured wall ({args.layers} layers) | peak RSS | "
-              f"extrapolated wall, 32 layers |\n|---|---|---|---|---|")
+              f"wall, 32 layers |\n|---|---|---|---|---|")
         for r in rows:
-            kind = "6 LoRA r=16" if METHODS[r["method"]][0] == "lora" else "3 full bf16 + base"
+            if METHODS[r["method"]][0] == "lora":
+                kind = "6 LoRA r=16"
+            elif "finetuned_generated_s" in r:
+                kind = f"base + 3 fine-tuned generated on the fly ({r['finetuned_generated_s']:.0f} s of the wall)"
+            else:
+                kind = "3 full bf16 + base"
             est = (f"≈ {r['extrapolated_32_s'] / 60:.0f} min (extrapolated)" if "extrapolated_32_s" in r
                    else f"{r['wall_s'] / 60:.1f} min (measured)")
-            print(f"| {r['method']} | {kind} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {est} |")
+            print(f"| {r['method']} | {kind} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / GiB:.2f} GiB | {est} |")
+        finetuned = ("generated on the fly from the base (FinetunedOnTheFly: seeded noise, not read from disk)"
+                     if on_the_fly else "on disk")
+        if on_the_fly:
+            print(f"\nFine-tuned inputs: {finetuned}; their generation is part of each wall time.")
         out = Path(args.json) if args.json else Path(__file__).parent / "merge_8b_results.json"
-        out.write_text(json.dumps({"layers": args.layers, "params_per_model": params, "rows": rows}, indent=1))
+        out.write_text(json.dumps({"layers": args.layers, "params_per_model": params, "finetuned_inputs": finetuned,
+                                   "rows": rows}, indent=1))
     finally:
-        if not args.keep:
+        if not (args.keep or args.keep_outputs):
             shutil.rmtree(root, ignore_errors=True)
 
 
