@@ -220,3 +220,34 @@ def test_without_threadpoolctl_the_result_is_the_same(monkeypatch):
     got = L.top_svd(a, 10)
     for x, y in zip(got, expect):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+def test_parallel_map_keeps_order_and_results_and_restores_the_threads():
+    g = torch.Generator().manual_seed(3)
+    mats = [torch.randn(60, 40, generator=g) for _ in range(5)]
+    threads = torch.get_num_threads()
+    seen = []
+
+    def fn(m):
+        seen.append(torch.get_num_threads())  # one BLAS thread per worker
+        assert L.parallel_map(lambda x: x + 1, [1, 2]) == [2, 3]  # nested: sequential, still right
+        return L.top_svd(m, 10)
+
+    got = L.parallel_map(fn, mats)
+    want = [L.top_svd(m, 10) for m in mats]
+    for a, b in zip(got, want):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # the same route, in input order
+    assert torch.get_num_threads() == threads
+    assert set(seen) == ({1} if threads > 1 else {threads})
+    assert L.parallel_map(fn, []) == []
+
+
+def test_parallel_map_passes_a_worker_error_on():
+    def boom(x):
+        raise ValueError(f"bad {x}")
+
+    with pytest.raises(ValueError, match="bad"):
+        L.parallel_map(boom, [1, 2, 3])
+    with pytest.raises(ValueError, match="bad"):
+        L.parallel_map(boom, [1, 2], device="meta")  # another device: sequential
