@@ -54,7 +54,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from itertools import islice
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -106,6 +107,17 @@ def parallel_map(fn: Callable[..., _T], items: Iterable, device: torch.device | 
             return list(pool.map(one_thread, items))
     finally:
         torch.set_num_threads(threads)
+
+
+def parallel_stream(items: Iterable, fn: Callable[..., _T], device: torch.device | str | None = None
+                    ) -> Iterator[tuple[object, _T]]:
+    """``(x, fn(x))`` for every item in order, :func:`parallel_map` over as many items at a time as the CPU
+    has threads (one at a time elsewhere): for methods with one decomposition per key (Iso-C, OPCM),
+    which then hold that many keys. The items are drawn in the caller's thread (its reads stay there)."""
+    width = torch.get_num_threads() if torch.device(device or "cpu").type == "cpu" else 1
+    it = iter(items)
+    while group := list(islice(it, max(1, width))):
+        yield from zip(group, parallel_map(fn, group, device))
 
 
 def _tol(dtype: torch.dtype) -> float:
