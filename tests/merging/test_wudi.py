@@ -21,7 +21,7 @@ def official_reference(taus, iterations, lr):
     return merged.detach()
 
 
-@pytest.mark.parametrize("shape", [(6, 4), (2, 20)])  # the Gram form and the per-task form
+@pytest.mark.parametrize("shape", [(6, 4), (4, 10), (2, 20)])  # Gram form (tall, wide), per-task form
 def test_matches_the_official_loss_under_autograd(shape):
     g = torch.Generator().manual_seed(0)
     taus = [torch.randn(shape, generator=g) for _ in range(3)]

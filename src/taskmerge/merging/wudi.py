@@ -10,7 +10,8 @@ Per linear weight (the task vectors of a linear layer span, approximately, its i
 
 ∇L = 2 Σ_t (τ_m − τ_t) τ_tᵀ τ_t / ‖τ_t‖². We evaluate it in closed form rather than through
 autograd, as 2(τ_m A − B) with A = Σ_t τ_tᵀτ_t / ‖τ_t‖² [in, in] and B = Σ_t τ_t τ_tᵀ τ_t / ‖τ_t‖²,
-precomputed once (one [out, in]·[in, in] product per step), or, when in > 2·T·out makes that
+precomputed once (each as one product over the tasks side by side, B_t as (τ_t τ_tᵀ) τ_t when
+in > out; then one [out, in]·[in, in] product per step), or, when in > 2·T·out makes that
 Gram dearer, as the official per-task products (2·T·out²·in per step). Both are the official
 gradient up to float32 rounding; Adam (torch.optim.Adam, betas (0.9, 0.999), eps 1e-8) is then
 the official update. Adam on CPU is deterministic, and each matrix is optimised on its own, so
@@ -55,12 +56,21 @@ def _gradient(taus: torch.Tensor, norms: torch.Tensor):
     """∇L(τ_m) as a function, in the cheaper of the two exact forms (module docstring)."""
     num_tasks, out_dim, in_dim = taus.shape
     weights = (1.0 / norms).view(-1, 1, 1)
-    if in_dim <= 2 * num_tasks * out_dim:
-        grams = taus.transpose(1, 2) @ taus                      # τ_tᵀ τ_t  [T, in, in]
-        a = (grams * weights).sum(0)
-        b = (taus @ grams * weights).sum(0)
-        return lambda m: 2 * (m @ a - b)
-    return lambda m: 2 * ((((m - taus) @ taus.transpose(1, 2)) @ taus) * weights).sum(0)
+    if in_dim > 2 * num_tasks * out_dim:
+        return lambda m: 2 * ((((m - taus) @ taus.transpose(1, 2)) @ taus) * weights).sum(0)
+    # A = Σ_t w_t τ_tᵀτ_t and B = Σ_t w_t τ_t τ_tᵀ τ_t (w_t = 1/‖τ_t‖²), each as one matrix product over the
+    # tasks laid side by side (no [T, in, in] or [T, out, in] temporaries), B by the cheaper association
+    rows = taus.reshape(num_tasks * out_dim, in_dim)  # [τ_1; …; τ_T]
+    scaled = taus * weights
+    if in_dim > out_dim:  # B_t = (τ_t τ_tᵀ) τ_t: [out, out] products
+        a = scaled.reshape(num_tasks * out_dim, in_dim).T @ rows
+        outer = scaled @ taus.transpose(1, 2)  # w_t τ_t τ_tᵀ  [T, out, out]
+        b = outer.transpose(0, 1).reshape(out_dim, num_tasks * out_dim) @ rows
+    else:  # B_t = τ_t (τ_tᵀ τ_t): [in, in] products
+        grams = taus.transpose(1, 2) @ taus  # [T, in, in]
+        a = (weights.view(1, -1) @ grams.reshape(num_tasks, -1)).view(in_dim, in_dim)
+        b = scaled.transpose(0, 1).reshape(out_dim, num_tasks * in_dim) @ grams.reshape(num_tasks * in_dim, in_dim)
+    return lambda m: 2 * (m @ a - b)
 
 
 def wudi_matrix(taus: Sequence[torch.Tensor], iterations: int = 300, lr: float = 1e-5) -> torch.Tensor:
