@@ -93,4 +93,4 @@ def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     for key, taus in task_stream(pretrained, finetuned, device)():
         kept = [tau * breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice) for tau in taus]
-        yield key, Update(torch.stack(kept).sum(0), scaling)
+        yield key, Update(torch.stack(kept).sum(0), scaling, owned=True)

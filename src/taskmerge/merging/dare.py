@@ -59,4 +59,4 @@ def dare(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     else:
         raise ValueError(f"base={base!r}: choose task_arithmetic or ties")
     for key, tau in merged:
-        yield key, Update(tau, scaling)
+        yield key, Update(tau, scaling, owned=True)

@@ -130,7 +130,7 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     stream = task_stream(pretrained, finetuned, device)
     if density >= 1:
         for key, taus in stream():
-            yield key, Update(della_fuse(torch.stack(taus), elect, normalize), scaling)
+            yield key, Update(della_fuse(torch.stack(taus), elect, normalize), scaling, owned=True)
         return
     nbytes = 4 * num_tasks * sum(math.prod(shape) for shape in shapes.values())
     kept = [] if nbytes <= stream_cache_bytes() else None
@@ -141,4 +141,4 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             base = kept[t][key] if kept is not None else dare_mask(tau.shape, 1 - floor, states[t][key])
             probs = magprune_probs(tau, density, epsilon)
             pruned.append(magprune(tau, probs, base, floor, _extra_generator(seed, t, key), rescale))
-        yield key, Update(della_fuse(torch.stack(pruned), elect, normalize), scaling)
+        yield key, Update(della_fuse(torch.stack(pruned), elect, normalize), scaling, owned=True)

@@ -79,4 +79,4 @@ def emr(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     rescalers = [n / d if d > 0 else 1.0 for n, d in zip(num, den)]
     for key, taus in stream():
         unified, masks = elect_and_mask(taus)
-        yield key, [Update(torch.where(m, unified, 0.0), r) for m, r in zip(masks, rescalers)]
+        yield key, [Update(torch.where(m, unified, 0.0), r, owned=True) for m, r in zip(masks, rescalers)]

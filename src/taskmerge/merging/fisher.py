@@ -51,14 +51,32 @@ def fisher(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         if fishers is None:
             yield item, torch.stack(thetas).mean(0)
             continue
-        num = torch.zeros_like(thetas[0])
-        den = torch.zeros_like(thetas[0])
-        weighted = None  # one buffer for every task's floored, weighted Fisher
-        for w, f, th in zip(weights, fishers, thetas):
-            f = f[item.start:item.stop] if isinstance(item, Part) else f
-            weighted = torch.clamp_min(f.to(device=device, dtype=torch.float32), floor, out=weighted)
+        fishers = [f[item.start:item.stop] if isinstance(item, Part) else f for f in fishers]
+        yield item, fisher_average(thetas, fishers, weights, floor)
+
+
+_BLOCK = 1 << 18  # elements: the denominator and the floored Fisher stay small buffers, reused block by block
+
+
+def fisher_average(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], weights: Sequence[float],
+                   floor: float) -> torch.Tensor:
+    """Σ_t w_t F̃_t θ_t / Σ_t w_t F̃_t element-wise, F̃_t = max(F_t, floor), in float32 (a new tensor).
+
+    Block by block: only the result is the size of the tensor (the same operations per element, in the
+    same order, as on whole tensors)."""
+    flat = [th.reshape(-1) for th in thetas]
+    flat_f = [f.reshape(-1) for f in fishers]
+    num = torch.empty_like(flat[0])
+    den = num.new_empty(min(num.numel(), _BLOCK))
+    weighted = torch.empty_like(den)
+    for s in range(0, num.numel(), _BLOCK):
+        e = min(num.numel(), s + _BLOCK)
+        n, d = num[s:e].zero_(), den[:e - s].zero_()
+        for w, f, th in zip(weights, flat_f, flat):
+            wf = torch.clamp_min(f[s:e].to(device=n.device, dtype=torch.float32), floor, out=weighted[:e - s])
             if w != 1.0:
-                weighted.mul_(w)
-            num.addcmul_(weighted, th)
-            den += weighted
-        yield item, num.div_(den)
+                wf.mul_(w)
+            n.addcmul_(wf, th[s:e])
+            d += wf
+        n.div_(d)
+    return num.view(thetas[0].shape)

@@ -88,6 +88,6 @@ def iso_cts(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     for key, taus in task_stream(pretrained, finetuned, device)():
         if _svd_this(key, shape_of(pretrained, key), svd_scope, svd_exclude, kinds):
-            yield key, Update(iso_cts_matrix(taus, common_space_fraction), scaling)
+            yield key, Update(iso_cts_matrix(taus, common_space_fraction), scaling, owned=True)
         else:
-            yield key, Update(mean_task_vector(taus), scaling)
+            yield key, Update(mean_task_vector(taus), scaling, owned=True)

@@ -183,7 +183,7 @@ def consensus(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         count = torch.zeros(tau.shape, dtype=torch.int16, device=tau.device)  # T < 2^15 tasks
         for m in _key_masks(base, base + tau, thetas, lambdas):
             count.add_(m)
-        yield key, Update(tau * (count >= min_tasks), scaling)
+        yield key, Update(tau * (count >= min_tasks), scaling, owned=True)
 
 
 def save_masks(path: str | os.PathLike, masks: Masks) -> None:

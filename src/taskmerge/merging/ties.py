@@ -97,4 +97,4 @@ def ties(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     check_percent("k", k)
     stream = task_stream(pretrained, finetuned, device, chunk_numel if trim_scope == "global" else None)
     for item, tau in ties_stream(stream, k=k, merge=merge, trim_scope=trim_scope, trim_count=trim_count):
-        yield item, Update(tau, scaling)
+        yield item, Update(tau, scaling, owned=True)

@@ -133,7 +133,7 @@ def tsv_m(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     for key, delta in tsv_m_directions(pretrained, finetuned, variant=variant, svd_scope=svd_scope,
                                        svd_exclude=svd_exclude, kinds=kinds, device=device):
-        yield key, Update(delta, scaling)
+        yield key, Update(delta, scaling, owned=True)
 
 
 def low_rank(tau: torch.Tensor, num_tasks: int) -> torch.Tensor:
