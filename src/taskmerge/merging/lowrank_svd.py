@@ -47,7 +47,10 @@ Threads on CPU: the Gram (BLAS dsyrk) and the eigensolver run in SciPy's OpenBLA
 eigensolver runs on one thread (through ``threadpoolctl`` when installed): its tridiagonal
 reduction is hundreds of small parallel regions, and on a loaded 2-core machine each one waits for
 a descheduled thread: a top-96 eigh of a [3072,768] matrix's Gram took 6.1 s (median) on 2 threads
-against 0.14 s on one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0.57 s).
+against 0.14 s on one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0.57 s). The cores
+are used instead by running independent decompositions side by side, one thread each
+(:func:`parallel_map`: a key's per-task SVDs and polar factors; :func:`parallel_stream`: keys with
+one decomposition each).
 """
 from __future__ import annotations
 
