@@ -148,14 +148,34 @@ def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     lambdas = _lambdas(mask_lambda, len(finetuned))
     kept = artifacts.setdefault("masks", [{} for _ in finetuned]) if artifacts is not None else None
     for key, base, tau, thetas in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
-        multi = base + tau
-        merged = []
-        for t, m in enumerate(_key_masks(base, multi, thetas, lambdas)):
-            if kept is not None:
-                kept[t][key] = m.cpu()
-            # θ0 + m ⊙ τ_MTL at scale 1 is θ_MTL where m holds and θ0 elsewhere: one select, same values
-            merged.append(torch.where(m, multi, base))
+        merged, masks = _tall_key(base, base + tau, thetas, lambdas, keep_masks=kept is not None)
+        for t, m in enumerate(masks):
+            kept[t][key] = m.cpu()
         yield key, merged
+
+
+_BLOCK = 1 << 16  # elements: a block's differences and mask stay in cache across the steps of one task
+
+
+def _tall_key(base: torch.Tensor, multi: torch.Tensor, thetas, lambdas: Sequence[float], keep_masks: bool):
+    """Every task's TALL merge of one tensor (and its masks if asked), block by block: the operations of
+    :func:`_key_masks` and θ0 + m ⊙ τ_MTL at scale 1 (θ_MTL where m holds, θ0 elsewhere: one select), per
+    element in the same order, but on small reused buffers: only the results are tensor-sized."""
+    flat_base, flat_multi, n = base.reshape(-1), multi.reshape(-1), base.numel()
+    merged = [torch.empty_like(flat_base) for _ in lambdas]
+    masks = [torch.empty(n, dtype=torch.bool, device=base.device) for _ in lambdas] if keep_masks else []
+    near, far = flat_base.new_empty(min(n, _BLOCK)), flat_base.new_empty(min(n, _BLOCK))
+    mask = torch.empty(min(n, _BLOCK), dtype=torch.bool, device=base.device)
+    for t, (theta, lam) in enumerate(zip(thetas, lambdas)):
+        theta = theta.to(device=base.device, dtype=torch.float32).reshape(-1)
+        for s in range(0, n, _BLOCK):
+            e = min(n, s + _BLOCK)
+            b, mu, th = flat_base[s:e], flat_multi[s:e], theta[s:e]
+            nr = torch.sub(b, th, out=near[:e - s]).abs_()
+            fr = torch.sub(mu, th, out=far[:e - s]).abs_().mul_(lam)
+            m = torch.gt(nr, fr, out=masks[t][s:e] if keep_masks else mask[:e - s])
+            torch.where(m, mu, b, out=merged[t][s:e])
+    return [x.view(base.shape) for x in merged], [m.view(base.shape) for m in masks]
 
 
 @register("consensus", linear_in="scaling", memory=CARRIES_MTL)
