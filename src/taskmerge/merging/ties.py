@@ -10,14 +10,16 @@ Models"); official code github.com/prateeky2806/ties-merging (specs/methods.md �
 """
 from __future__ import annotations
 
-from typing import Annotated, Iterator, Literal, Sequence
+import math
+from typing import Annotated, Iterator, Literal, Mapping, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.inputs import Part, float_keys, parts, shape_of, task_stream, task_vectors
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.primitives import (MergeRule, TaskStream, cached_stream, disjoint_merge, elect_sign,
-                                          fill_zero_signs, global_topk_thresholds, majority_sign, trim_tasks)
+                                          fill_zero_signs, global_topk_thresholds, kth_index, majority_sign,
+                                          streamed_kthvalue_abs, trim_tasks)
 from taskmerge.merging.registry import Range, StateDict, register
 
 TrimScope = Literal["global", "per_tensor"]
@@ -25,13 +27,16 @@ Percent = Annotated[float, Range(0.0, 100.0, lo_open=True)]
 
 
 def ties_stream(stream: TaskStream, *, k: float, merge: MergeRule, trim_scope: TrimScope = "global",
-                elect: bool = True, max_keeps_sign: bool = True, trim_count: str = "official") -> Iterator[tuple[str, torch.Tensor]]:
+                elect: bool = True, max_keeps_sign: bool = True, trim_count: str = "official",
+                chunked: Mapping[str, Sequence[torch.Tensor | None]] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, merged τ)`` for every key of ``stream`` (trim → elect → disjoint merge).
 
     ``trim_scope="global"``: one threshold per task over all keys (official; two extra streamed
     passes unless k=100); ``"per_tensor"``: per tensor and task (mergekit). The majority sign is
     always taken over the whole stream (one more pass). ``elect=False`` skips sign election
     (KnOTS' TA inner merge: top-k only). ``trim_count``: ``official`` or ``exact`` (see ``ties``).
+    ``chunked`` (per_tensor): the thresholds of the tensors ``stream`` yields in row chunks
+    (:func:`chunked_thresholds`); whole tensors select their own.
     """
     if merge not in ("mean", "sum", "max"):
         raise ValueError(f"merge={merge!r}: choose one of mean, sum, max")
@@ -41,13 +46,40 @@ def ties_stream(stream: TaskStream, *, k: float, merge: MergeRule, trim_scope: T
         raise ValueError("merge='max' needs sign election")
     exact = {"official": False, "exact": True}[trim_count]
     thresholds = global_topk_thresholds(stream, k, exact) if trim_scope == "global" else None
-    trimmed = lambda: ((key, trim_tasks(taus, k, thresholds, exact)) for key, taus in stream())  # noqa: E731
+
+    def thresholds_of(item):
+        if trim_scope == "global" or not isinstance(item, Part):
+            return thresholds  # per_tensor and a whole tensor: None, trim_tasks selects with kthvalue
+        if chunked is None or item.key not in chunked:  # a chunk's own threshold would be wrong, not slow
+            raise ValueError(f"{item.key}: a per-tensor trim of row chunks needs the tensor's thresholds (chunked=)")
+        return chunked[item.key]
+    trimmed = lambda: ((item, trim_tasks(taus, k, thresholds_of(item), exact)) for item, taus in stream())  # noqa: E731
     if elect and hasattr(stream, "nbytes"):  # the majority pass and the merge pass see the same stacks
         trimmed = cached_stream(trimmed, stream.nbytes)
     majority = majority_sign(trimmed) if elect else 0.0
     for key, stack in trimmed():
         sign = fill_zero_signs(elect_sign(stack), majority) if elect else None
         yield key, disjoint_merge(stack, sign, merge, max_keeps_sign)
+
+
+def chunked_thresholds(pretrained: StateDict, finetuned: Sequence[StateDict], k: float, exact: bool,
+                       device=None, chunk_numel: int | None = None) -> dict[str, list[torch.Tensor | None]]:
+    """Per-tensor trim thresholds, one per task, of every tensor larger than ``chunk_numel``.
+
+    The global trim's exact radix selection (``primitives.streamed_kthvalue_abs``) run over one
+    tensor's row chunks alone: two reads of the tensor, T chunks and the histograms in memory, and
+    the same value ``kthvalue`` of the whole tensor gives (it *is* one of the entries). The chunks
+    are not cached: holding them would be the whole tensor again.
+    """
+    out = {}
+    for key in float_keys(pretrained):
+        items = parts(pretrained, [key], chunk_numel)
+        if not isinstance(items[0], Part):
+            continue
+        rank = kth_index(math.prod(shape_of(pretrained, key)), k, exact)
+        chunks = lambda items=items: ((i, task_vectors(i, pretrained, finetuned, device=device)) for i in items)  # noqa: E731
+        out[key] = streamed_kthvalue_abs(chunks, [rank] * len(finetuned))
+    return out
 
 
 def check_percent(name: str, value: float) -> None:
@@ -95,6 +127,9 @@ def ties(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     results do not depend on the order. The majority sign is summed in float64 (exact).
     """
     check_percent("k", k)
-    stream = task_stream(pretrained, finetuned, device, chunk_numel if trim_scope == "global" else None)
-    for item, tau in ties_stream(stream, k=k, merge=merge, trim_scope=trim_scope, trim_count=trim_count):
+    stream = task_stream(pretrained, finetuned, device, chunk_numel)
+    chunked = (chunked_thresholds(pretrained, finetuned, k, trim_count == "exact", device, chunk_numel)
+               if trim_scope == "per_tensor" else None)
+    for item, tau in ties_stream(stream, k=k, merge=merge, trim_scope=trim_scope, trim_count=trim_count,
+                                 chunked=chunked):
         yield item, Update(tau, scaling)
