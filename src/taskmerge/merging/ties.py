@@ -87,12 +87,13 @@ def check_percent(name: str, value: float) -> None:
         raise ValueError(f"{name}={value} must be a percentage in (0, 100]")
 
 
-GLOBAL_TRIM = ("global trim: two 2^16-bin histograms per task (two extra read passes for the exact threshold, "
+TRIM_MEMORY = ("global trim: two 2^16-bin histograms per task (two extra read passes for the exact threshold, "
                "one for the majority sign; the task vectors are kept after the first pass when they total "
-               "<= TASKMERGE_STREAM_CACHE_BYTES, 1 GiB); one key (row chunk) otherwise")
+               "<= TASKMERGE_STREAM_CACHE_BYTES, 1 GiB); one key (row chunk) otherwise. per_tensor: the same, "
+               "with the two threshold passes over each tensor larger than chunk_numel alone (row chunks)")
 
 
-@register("ties", linear_in="scaling", memory=GLOBAL_TRIM)
+@register("ties", linear_in="scaling", memory=TRIM_MEMORY)
 def ties(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          k: Percent = 20.0,
          merge: Literal["mean", "sum", "max"] = "mean",
@@ -115,7 +116,9 @@ def ties(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             README {0.8, 0.9, …, 2.5}; tall_masks / MaTS {0.1, …, 1.0}; TSV fork {1/30, …, 1}.
             Negative λ negates the merged task vector (λ multiplies τ_m after the merge).
         trim_scope ("global"): one threshold per task over the whole model, computed exactly
-            by streamed radix selection (official); ``per_tensor``: one per tensor (mergekit's scope).
+            by streamed radix selection (official); ``per_tensor``: one per tensor (mergekit's scope),
+            the same radix selection over the row chunks of a tensor larger than ``chunk_numel``
+            (streamed merges), ``kthvalue`` of the whole tensor otherwise: the same threshold.
         trim_count ("official"): how many entries a trim keeps out of d. ``official``: the TIES
             rule, int(d·k/100) + 1 (plus ties at the threshold); ``exact``: int(d·k/100), the count
             mergekit and peft keep (``density = k/100``), ties at the threshold still kept.
