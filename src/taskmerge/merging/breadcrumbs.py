@@ -111,7 +111,8 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: str
     return ((ranks >= bottom) & (ranks < n - top)).reshape(tau.shape)
 
 
-@register("breadcrumbs", linear_in="scaling", memory="one key of every input (an exact selection per task; scope=row: a sort per row); nothing across the model")
+@register("breadcrumbs", linear_in="scaling",
+          memory="one key of every input (an exact selection per task; scope=row: a sort per row); nothing across the model")
 def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
                 density: Fraction = 0.15,
                 gamma: Fraction = 0.006,

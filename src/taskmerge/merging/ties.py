@@ -77,7 +77,9 @@ def chunked_thresholds(pretrained: StateDict, finetuned: Sequence[StateDict], k:
         if not isinstance(items[0], Part):
             continue
         rank = kth_index(math.prod(shape_of(pretrained, key)), k, exact)
-        chunks = lambda items=items: ((i, task_vectors(i, pretrained, finetuned, device=device)) for i in items)  # noqa: E731
+
+        def chunks(items=items):
+            return ((i, task_vectors(i, pretrained, finetuned, device=device)) for i in items)
         out[key] = streamed_kthvalue_abs(chunks, [rank] * len(finetuned))
     return out
 
