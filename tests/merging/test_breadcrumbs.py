@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from taskmerge.merging import merge
-from taskmerge.merging.breadcrumbs import breadcrumbs_mask
+from taskmerge.merging.breadcrumbs import ascending_ranks, breadcrumbs_mask
 from taskmerge.merging.primitives import trim_tasks
 
 
@@ -80,3 +80,27 @@ def test_density_one_is_task_arithmetic_and_scaling_is_linear():
 def test_bad_scope_raises():
     with pytest.raises(ValueError, match="scope"):
         merge("breadcrumbs", {"w": torch.zeros(3)}, [{"w": torch.ones(3)}], {"scope": "layer"})
+
+
+def stable_sort_mask(tau, density, gamma):
+    # the definition: ranks of the stable sort of the whole tensor, kept in [bottom, n − top)
+    n = tau.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    ranks = ascending_ranks(tau.reshape(1, -1)).reshape(tau.shape)
+    return (ranks >= bottom) & (ranks < n - top)
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (20, 16), (13, 7), (4, 3, 5), (1, 50)])
+@pytest.mark.parametrize("values", ["normal", "quarters", "signs", "zeros"])
+def test_tensor_scope_selection_equals_the_stable_sort(shape, values):
+    # the tensor scope selects without sorting; ties at either boundary (and both boundaries equal:
+    # "signs", "zeros") are split by position exactly as the stable sort splits them
+    g = torch.Generator().manual_seed(len(shape))
+    tau = {"normal": torch.randn(shape, generator=g), "quarters": torch.randint(-3, 4, shape, generator=g) / 4,
+           "signs": torch.randint(-1, 2, shape, generator=g).float(), "zeros": -torch.zeros(shape)}[values]
+    for density in (0.01, 0.15, 0.5, 0.9, 0.99):
+        for gamma in (0.0, 0.006, 0.1, 0.3):
+            assert torch.equal(breadcrumbs_mask(tau, density, gamma), stable_sort_mask(tau, density, gamma))
