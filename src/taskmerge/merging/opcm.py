@@ -141,7 +141,7 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         sq_tau, sq_new = 0.0, 0.0
 
         def read_key(k, sd=sd, rescale=rescale):  # reads stay in this thread; one key per CPU thread at a time
-            bar = tau_bar[k].to(device)
+            bar = tau_bar[k].to(device)  # the previous step's global rescale is applied as τ̄ is read
             return k, tau_of(sd, pretrained, k, device), bar * rescale if rescale != 1.0 else bar
 
         def update(item, lam_prev=lam_prev):
