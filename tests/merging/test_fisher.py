@@ -73,3 +73,21 @@ def test_bad_statistics():
         merge("fisher", pre, fts, stats=[{**good, "lin.bias.fisher": torch.ones(3)}, good])
     with pytest.raises(ValueError, match="no '<param>.fisher' entry"):
         merge("fisher", pre, fts, stats=[{"lin.gram_in": torch.eye(4)}] * 2)
+
+
+def test_block_by_block_equals_the_whole_tensor_formula_bit_for_bit():
+    from taskmerge.merging.fisher import _BLOCK, fisher_average
+
+    g = torch.Generator().manual_seed(5)
+    shape = (3, _BLOCK // 2 + 7)  # more than one block, the last one partial
+    thetas = [torch.randn(shape, generator=g) for _ in range(3)]
+    fishers = [torch.rand(shape, generator=g) * (torch.rand(shape, generator=g) > 0.3) for _ in range(3)]
+    for weights in ([1.0, 1.0, 1.0], [0.3, 0.5, 0.2]):
+        num, den = torch.zeros(shape), torch.zeros(shape)
+        for w, f, th in zip(weights, fishers, thetas):
+            wf = f.clamp_min(1e-8)
+            if w != 1.0:
+                wf = wf.mul_(w)
+            num.addcmul_(wf, th)
+            den += wf
+        assert torch.equal(fisher_average(thetas, fishers, weights, 1e-8), num / den)

@@ -252,8 +252,3 @@ def test_parallel_map_passes_a_worker_error_on():
     with pytest.raises(ValueError, match="bad"):
         L.parallel_map(boom, [1, 2], device="meta")  # another device: sequential
 
-
-def test_parallel_stream_pairs_each_item_with_its_result_in_order():
-    items = iter(range(7))  # drawn lazily, in the caller's thread
-    assert list(L.parallel_stream(items, lambda x: x * x)) == [(i, i * i) for i in range(7)]
-    assert list(L.parallel_stream([], lambda x: x)) == []

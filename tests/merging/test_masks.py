@@ -157,3 +157,18 @@ def test_one_pass_merge_equals_the_searchs_memoised_mtl(dtype):
             assert a.keys() == b.keys()
             for key in a:
                 assert a[key].dtype == pre[key].dtype and torch.equal(a[key], b[key]), (name, key)
+
+
+def test_tall_block_by_block_equals_the_whole_tensor_masks_and_merges():
+    from taskmerge.merging.masks import _BLOCK, _key_masks, _tall_key
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(3, _BLOCK // 2 + 5, generator=g)  # more than one block, the last one partial
+    thetas = [base + 0.1 * torch.randn(base.shape, generator=g) for _ in range(3)]
+    multi = base + sum(t - base for t in thetas)
+    lambdas = [0.2, 0.4, 0.6]
+    merged, masks = _tall_key(base, multi, thetas, lambdas, keep_masks=True)
+    for m, out, want in zip(masks, merged, _key_masks(base, multi, thetas, lambdas)):
+        assert torch.equal(m, want)
+        assert torch.equal(out, torch.where(want, multi, base))
+    assert _tall_key(base, multi, thetas, lambdas, keep_masks=False)[1] == []

@@ -26,7 +26,7 @@ from typing import Literal, Sequence
 import torch
 
 from taskmerge.merging.inputs import shape_of, task_stream
-from taskmerge.merging.lowrank_svd import full_top_svd, parallel_stream
+from taskmerge.merging.lowrank_svd import full_top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register
 from taskmerge.merging.tsv import _svd_this
@@ -49,8 +49,7 @@ def mean_task_vector(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(taus)).mean(0)
 
 
-@register("iso_c", linear_in="scaling", memory="one key of every input per CPU thread (one SVD of Σ_t τ_t each, side by "
-                                               "side); nothing across the model")
+@register("iso_c", linear_in="scaling", memory="one key of every input (one SVD of Σ_t τ_t); nothing across the model")
 def iso_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           scaling: float = 1.0,
           svd_scope: Literal["all_2d", "linear"] = "all_2d",
@@ -73,11 +72,8 @@ def iso_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     Deviations: none in the math. The official code forms Σ τ_t as ``(sum/T)·T``; we sum directly
     (a last-bit difference).
     """
-    def direction(item):
-        key, taus = item
+    for key, taus in task_stream(pretrained, finetuned, device)():
         if _svd_this(key, shape_of(pretrained, key), svd_scope, svd_exclude, kinds):
-            return flatten_spectrum(torch.stack(taus).sum(0))
-        return mean_task_vector(taus)
-
-    for (key, _), delta in parallel_stream(task_stream(pretrained, finetuned, device)(), direction, device):
-        yield key, Update(delta, scaling, owned=True)
+            yield key, Update(flatten_spectrum(torch.stack(taus).sum(0)), scaling, owned=True)
+        else:
+            yield key, Update(mean_task_vector(taus), scaling, owned=True)

@@ -49,16 +49,17 @@ reduction is hundreds of small parallel regions, and on a loaded 2-core machine 
 a descheduled thread: a top-96 eigh of a [3072,768] matrix's Gram took 6.1 s (median) on 2 threads
 against 0.14 s on one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0.57 s). The cores
 are used instead by running independent decompositions side by side, one thread each
-(:func:`parallel_map`: a key's per-task SVDs and polar factors; :func:`parallel_stream`: keys with
-one decomposition each).
+(:func:`parallel_map`: a key's per-task SVDs and polar factors). On a quiet machine that is a wash
+(TSV-M, one ViT-B/32 layer: 6.3 s before, 6.5 s after); under load it kept TSV-M at 7 s where the
+sequential code took 14–16 s. Keys with one decomposition each (Iso-C, OPCM) stay sequential on
+torch's threads: decomposing two keys side by side made them 1.3–1.5× slower on a quiet machine.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -86,10 +87,9 @@ def parallel_map(fn: Callable[..., _T], items: Iterable, device: torch.device | 
     """``[fn(x) for x in items]``, on CPU spread over ``torch.get_num_threads()`` Python threads with one
     BLAS/LAPACK thread each (torch's and SciPy's), in order; sequential on another device or when nested.
 
-    For independent dense decompositions (a task's top-r SVD, a polar factor): LAPACK's eigensolvers and
-    SVDs use a second core poorly (the tridiagonal reduction is many small parallel regions), so two of
-    them side by side, one thread each, use two cores better than one after the other on two threads;
-    and no worker waits on a descheduled sibling thread when the machine is loaded. Each call runs the
+    For independent dense decompositions (a task's top-r SVD, a polar factor): no worker waits on a
+    descheduled sibling thread when the machine is loaded, where 2-thread LAPACK collapses (module
+    docstring); on a quiet machine it is a wash (memory-bound reductions share the bandwidth). Each call runs the
     same route as a sequential one, so results agree to float rounding (a BLAS product on one thread
     may sum in another order than on two: ≤ 6e-8 relative on TSV-M's ViT-B/32 keys, tsv_speed.py).
     ``fn`` must not depend on the other calls (they run concurrently).
@@ -110,17 +110,6 @@ def parallel_map(fn: Callable[..., _T], items: Iterable, device: torch.device | 
             return list(pool.map(one_thread, items))
     finally:
         torch.set_num_threads(threads)
-
-
-def parallel_stream(items: Iterable, fn: Callable[..., _T], device: torch.device | str | None = None
-                    ) -> Iterator[tuple[object, _T]]:
-    """``(x, fn(x))`` for every item in order, :func:`parallel_map` over as many items at a time as the CPU
-    has threads (one at a time elsewhere): for methods with one decomposition per key (Iso-C, OPCM),
-    which then hold that many keys. The items are drawn in the caller's thread (its reads stay there)."""
-    width = torch.get_num_threads() if torch.device(device or "cpu").type == "cpu" else 1
-    it = iter(items)
-    while group := list(islice(it, max(1, width))):
-        yield from zip(group, parallel_map(fn, group, device))
 
 
 def _tol(dtype: torch.dtype) -> float:

@@ -39,13 +39,13 @@ from typing import Annotated, Sequence
 import torch
 
 from taskmerge.merging.inputs import float_keys, read, shape_of
-from taskmerge.merging.lowrank_svd import full_top_svd, parallel_stream
+from taskmerge.merging.lowrank_svd import full_top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.selection import is_matrix
 
 CARRIES_TAU_BAR = ("τ̄ in float32 (4 bytes per parameter, in `scratch`: memory, or disk when streaming), "
-                   "plus one key of θ0 and of the current task per CPU thread (keys' SVDs side by side)")
+                   "plus one key of θ0 and of the current task")
 
 
 def crossing_rank(s: torch.Tensor, alpha: float) -> int:
@@ -139,24 +139,21 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     yield first_view(pretrained, finetuned[0])
     for sd in finetuned[1:]:
         sq_tau, sq_new = 0.0, 0.0
-
-        def read_key(k, sd=sd, rescale=rescale):  # reads stay in this thread; one key per CPU thread at a time
-            bar = tau_bar[k].to(device)  # the previous step's global rescale is applied as τ̄ is read
-            return k, tau_of(sd, pretrained, k, device), bar * rescale if rescale != 1.0 else bar
-
-        def update(item, lam_prev=lam_prev):
-            k, tau, bar = item
-            if official_class_embedding and k.endswith("class_embedding"):
-                return bar
-            if matrix[k]:
-                return lam_prev * bar + project_update(bar, tau, alpha, zero_diagonal)
-            return lam_prev * bar + tau
-
-        for (k, tau, _), new in parallel_stream(map(read_key, keys), update, device):
+        for k in keys:
+            tau = tau_of(sd, pretrained, k, device)
             sq_tau += sq_norm(tau)
+            bar = tau_bar[k].to(device)
+            if rescale != 1.0:
+                bar = bar * rescale  # the previous step's global rescale, applied as τ̄ is read
+            if official_class_embedding and k.endswith("class_embedding"):
+                new = bar
+            elif matrix[k]:
+                new = lam_prev * bar + project_update(bar, tau, alpha, zero_diagonal)
+            else:
+                new = lam_prev * bar + tau
             tau_bar[k] = new
             sq_new += sq_norm(new)
-            del tau, new
+            del tau, bar, new
         norms.append(sq_tau ** 0.5)
         avg, n = sum(norms) / len(norms), sq_new ** 0.5
         lam_prev = n / avg if avg > 0 else 1.0
