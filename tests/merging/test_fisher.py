@@ -76,7 +76,8 @@ def test_bad_statistics():
 
 
 def test_block_by_block_equals_the_whole_tensor_formula_bit_for_bit():
-    from taskmerge.merging.fisher import _BLOCK, fisher_average
+    from taskmerge.merging.fisher import fisher_average
+    from taskmerge.merging.inputs import BLOCK as _BLOCK
 
     g = torch.Generator().manual_seed(5)
     shape = (3, _BLOCK // 2 + 7)  # more than one block, the last one partial

@@ -10,7 +10,7 @@ from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import Part, float_keys, key_of, shapes, tensors, walk
+from taskmerge.merging.inputs import BLOCK, Part, blocks, float_keys, key_of, shapes, tensors, walk
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.stats.keys import check_stats_list, fisher_key, gather
 
@@ -55,9 +55,6 @@ def fisher(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         yield item, fisher_average(thetas, fishers, weights, floor)
 
 
-_BLOCK = 1 << 18  # elements: the denominator and the floored Fisher stay small buffers, reused block by block
-
-
 def fisher_average(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], weights: Sequence[float],
                    floor: float) -> torch.Tensor:
     """Σ_t w_t F̃_t θ_t / Σ_t w_t F̃_t element-wise, F̃_t = max(F_t, floor), in float32 (a new tensor).
@@ -67,10 +64,9 @@ def fisher_average(thetas: Sequence[torch.Tensor], fishers: Sequence[torch.Tenso
     flat = [th.reshape(-1) for th in thetas]
     flat_f = [f.reshape(-1) for f in fishers]
     num = torch.empty_like(flat[0])
-    den = num.new_empty(min(num.numel(), _BLOCK))
+    den = num.new_empty(min(num.numel(), BLOCK))  # the denominator and the floored Fisher: one block each
     weighted = torch.empty_like(den)
-    for s in range(0, num.numel(), _BLOCK):
-        e = min(num.numel(), s + _BLOCK)
+    for s, e in blocks(num.numel()):
         n, d = num[s:e].zero_(), den[:e - s].zero_()
         for w, f, th in zip(weights, flat_f, flat):
             wf = torch.clamp_min(f[s:e].to(device=n.device, dtype=torch.float32), floor, out=weighted[:e - s])

@@ -91,7 +91,13 @@ def task_vectors(item, pretrained: Mapping, finetuned: Sequence[Mapping], dtype:
     return [read(sd, item).to(device=device, dtype=dtype) - base for sd in finetuned]
 
 
-_BLOCK = 1 << 18  # elements: a difference this size stays in cache and is never a model-sized allocation
+BLOCK = 1 << 18  # elements: a temporary this size stays in cache and is never a model-sized allocation
+
+
+def blocks(numel: int, size: int = BLOCK) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive blocks of ``size`` elements covering a flattened tensor: element-wise
+    work done block by block on small reused buffers (only the result is tensor-sized)."""
+    return ((s, min(numel, s + size)) for s in range(0, numel, size))
 
 
 def task_stack(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None) -> torch.Tensor:
@@ -123,11 +129,10 @@ def task_vector_sum(item, pretrained: Mapping, finetuned: Sequence[Mapping], dev
         raise ValueError("the list of fine-tuned models is empty")
     flat_base, n = base.reshape(-1), base.numel()
     acc = torch.empty_like(flat_base)
-    tmp = flat_base.new_empty(min(n, _BLOCK))
+    tmp = flat_base.new_empty(min(n, BLOCK))
     for t, sd in enumerate(finetuned):
         theta = _upcastable(read(sd, item).to(device=base.device)).reshape(-1)
-        for s in range(0, n, _BLOCK):
-            e = min(n, s + _BLOCK)
+        for s, e in blocks(n):
             if t == 0:
                 torch.sub(theta[s:e], flat_base[s:e], out=acc[s:e])
             else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from taskmerge.merging.inputs import float_keys, read, task_stream, task_vector_sum, tensors
+from taskmerge.merging.inputs import blocks, float_keys, read, task_stream, task_vector_sum, tensors
 from taskmerge.merging.outputs import Update, resolve
 from taskmerge.merging.primitives import memo
 from taskmerge.merging.registry import Range, StateDict, register
@@ -154,7 +154,8 @@ def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         yield key, merged
 
 
-_BLOCK = 1 << 16  # elements: a block's differences and mask stay in cache across the steps of one task
+_BLOCK = 1 << 16  # elements: a block's differences and mask stay in cache across the steps of one task (smaller
+#                  than inputs.BLOCK: four buffers are live at once)
 
 
 def _tall_key(base: torch.Tensor, multi: torch.Tensor, thetas, lambdas: Sequence[float], keep_masks: bool):
@@ -168,8 +169,7 @@ def _tall_key(base: torch.Tensor, multi: torch.Tensor, thetas, lambdas: Sequence
     mask = torch.empty(min(n, _BLOCK), dtype=torch.bool, device=base.device)
     for t, (theta, lam) in enumerate(zip(thetas, lambdas)):
         theta = theta.to(device=base.device, dtype=torch.float32).reshape(-1)
-        for s in range(0, n, _BLOCK):
-            e = min(n, s + _BLOCK)
+        for s, e in blocks(n, _BLOCK):
             b, mu, th = flat_base[s:e], flat_multi[s:e], theta[s:e]
             nr = torch.sub(b, th, out=near[:e - s]).abs_()
             fr = torch.sub(mu, th, out=far[:e - s]).abs_().mul_(lam)
