@@ -172,3 +172,21 @@ def test_tall_block_by_block_equals_the_whole_tensor_masks_and_merges():
         assert torch.equal(m, want)
         assert torch.equal(out, torch.where(want, multi, base))
     assert _tall_key(base, multi, thetas, lambdas, keep_masks=False)[1] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_consensus_block_by_block_equals_the_whole_tensor_count(dtype):
+    from taskmerge.merging.masks import _BLOCK, _consensus_key, _key_masks
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, _BLOCK // 2 + 5, generator=g)  # more than one block, the last one partial
+    thetas = [(base + 0.1 * torch.randn(base.shape, generator=g)).to(dtype) for _ in range(4)]
+    tau = sum(t.float() - base for t in thetas)
+    lambdas = [0.2, 0.4, 0.6, 0.5]
+    count = sum(m.to(torch.int16) for m in _key_masks(base, base + tau, thetas, lambdas))
+    for k in (0, 2, 5):
+        want = tau * (count >= k)
+        assert torch.equal(_consensus_key(base, tau, thetas, lambdas, k), want)
+        mine = tau.clone()
+        assert _consensus_key(base, mine, thetas, lambdas, k, out=mine).data_ptr() == mine.data_ptr()
+        assert torch.equal(mine, want)

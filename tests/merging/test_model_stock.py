@@ -77,3 +77,17 @@ def test_filter_wise_gives_one_ratio_per_row():
 def test_needs_two_models():
     with pytest.raises(ValueError, match="at least 2"):
         merge("model_stock", {"w": torch.zeros(2)}, [{"w": torch.ones(2)}])
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(700, 1000), (600_001,), (40, 30, 300), ()])
+def test_row_chunks_equal_the_whole_key_stack(shape, filter_wise):
+    # tensors over inputs.BLOCK elements are read in row chunks: Σ τ_t per chunk, Grams summed (or per row)
+    g = torch.Generator().manual_seed(4)
+    pre = {"w": torch.randn(shape, generator=g)}
+    fts = [{"w": pre["w"] + 0.01 * torch.randn(shape, generator=g) + 0.01 * i} for i in range(3)]
+    stack = torch.stack([f["w"] - pre["w"] for f in fts])
+    for average in ("cosine", "angle"):
+        want = pre["w"] + stack.mean(0) * stock_ratio(stack, average, filter_wise)
+        got = merge("model_stock", pre, fts, {"average": average, "filter_wise": filter_wise})["w"]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

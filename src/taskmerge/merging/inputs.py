@@ -106,11 +106,11 @@ def task_stack(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=N
     base = read(pretrained, item).to(device=device, dtype=torch.float32)
     out = base.new_empty((len(finetuned), *base.shape))
     for t, sd in enumerate(finetuned):
-        torch.sub(_upcastable(read(sd, item).to(device=base.device)), base, out=out[t])
+        torch.sub(upcastable(read(sd, item).to(device=base.device)), base, out=out[t])
     return out
 
 
-def _upcastable(theta: torch.Tensor) -> torch.Tensor:
+def upcastable(theta: torch.Tensor) -> torch.Tensor:
     """``theta`` as a float32 subtraction may take it: bf16/fp16/fp32 are upcast exactly inside the
     operation (no float32 copy); float64 is rounded first, as ``.float()`` would."""
     return theta.float() if torch.promote_types(theta.dtype, torch.float32) != torch.float32 else theta
@@ -131,7 +131,7 @@ def task_vector_sum(item, pretrained: Mapping, finetuned: Sequence[Mapping], dev
     acc = torch.empty_like(flat_base)
     tmp = flat_base.new_empty(min(n, BLOCK))
     for t, sd in enumerate(finetuned):
-        theta = _upcastable(read(sd, item).to(device=base.device)).reshape(-1)
+        theta = upcastable(read(sd, item).to(device=base.device)).reshape(-1)
         for s, e in blocks(n):
             if t == 0:
                 torch.sub(theta[s:e], flat_base[s:e], out=acc[s:e])

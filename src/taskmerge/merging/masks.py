@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from taskmerge.merging.inputs import blocks, float_keys, read, task_stream, task_vector_sum, tensors
+from taskmerge.merging.inputs import blocks, float_keys, read, task_stream, task_vector_sum, tensors, upcastable
 from taskmerge.merging.outputs import Update, resolve
 from taskmerge.merging.primitives import memo
 from taskmerge.merging.registry import Range, StateDict, register
@@ -78,7 +78,8 @@ def key_masks(key: str, pretrained: StateDict, finetuned: Sequence[StateDict], t
 
 
 def _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
-    """(key, θ0 in float32, τ_MTL) for every floating tensor, and one lazy reader of the θ_t per key.
+    """(key, θ0 in float32, τ_MTL, one lazy reader of the θ_t, fresh) for every floating tensor; ``fresh``:
+    τ_MTL is this key's own new tensor (the caller may overwrite it), not the shared one's.
 
     In a search (``cache`` given) or with TIES, τ_MTL is built once for the whole model
     (:func:`multitask_vector`, memoised); for a single merge of the task-vector sum it is summed key by
@@ -89,7 +90,7 @@ def _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
     for key in float_keys(pretrained):
         base = read(pretrained, key).to(device=device, dtype=torch.float32)
         tau = task_vector_sum(key, pretrained, finetuned, device) if tau_mtl is None else tau_mtl[key].to(base.device)
-        yield key, base, tau, (read(sd, key) for sd in finetuned)
+        yield key, base, tau, (read(sd, key) for sd in finetuned), tau_mtl is None
 
 
 def tall_masks_from_mtl(pretrained: StateDict, finetuned: Sequence[StateDict], tau_mtl: StateDict,
@@ -147,7 +148,7 @@ def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     lambdas = _lambdas(mask_lambda, len(finetuned))
     kept = artifacts.setdefault("masks", [{} for _ in finetuned]) if artifacts is not None else None
-    for key, base, tau, thetas in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
+    for key, base, tau, thetas, _ in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
         merged, masks = _tall_key(base, base + tau, thetas, lambdas, keep_masks=kept is not None)
         for t, m in enumerate(masks):
             kept[t][key] = m.cpu()
@@ -168,7 +169,7 @@ def _tall_key(base: torch.Tensor, multi: torch.Tensor, thetas, lambdas: Sequence
     near, far = flat_base.new_empty(min(n, _BLOCK)), flat_base.new_empty(min(n, _BLOCK))
     mask = torch.empty(min(n, _BLOCK), dtype=torch.bool, device=base.device)
     for t, (theta, lam) in enumerate(zip(thetas, lambdas)):
-        theta = theta.to(device=base.device, dtype=torch.float32).reshape(-1)
+        theta = upcastable(theta.to(device=base.device)).reshape(-1)  # bf16 upcast inside the subtractions
         for s, e in blocks(n, _BLOCK):
             b, mu, th = flat_base[s:e], flat_multi[s:e], theta[s:e]
             nr = torch.sub(b, th, out=near[:e - s]).abs_()
@@ -199,11 +200,29 @@ def consensus(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     if min_tasks < 0:
         raise ValueError(f"min_tasks={min_tasks} must be >= 0")
     lambdas = _lambdas(mask_lambda, len(finetuned))
-    for key, base, tau, thetas in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
-        count = torch.zeros(tau.shape, dtype=torch.int16, device=tau.device)  # T < 2^15 tasks
-        for m in _key_masks(base, base + tau, thetas, lambdas):
-            count.add_(m)
-        yield key, Update(tau * (count >= min_tasks), scaling, owned=True)
+    for key, base, tau, thetas, fresh in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
+        yield key, Update(_consensus_key(base, tau, thetas, lambdas, min_tasks, out=tau if fresh else None),
+                          scaling, owned=True)
+
+
+def _consensus_key(base: torch.Tensor, tau: torch.Tensor, thetas, lambdas: Sequence[float], min_tasks: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """τ_MTL ⊙ [Σ_t m_t ≥ k] of one tensor (into ``out``, which may be ``tau`` itself), block by block: the
+    masks of :func:`_key_masks`, θ_MTL = θ0 + τ_MTL included, per element in the same order, counted on
+    small reused buffers; only the int16 count is tensor-sized besides the result (T < 2^15 tasks)."""
+    flat_base, flat_tau, n = base.reshape(-1), tau.reshape(-1), base.numel()
+    count = torch.zeros(n, dtype=torch.int16, device=base.device)
+    multi, near, far = (flat_base.new_empty(min(n, _BLOCK)) for _ in range(3))
+    mask = torch.empty(min(n, _BLOCK), dtype=torch.bool, device=base.device)
+    for theta, lam in zip(thetas, lambdas):
+        theta = upcastable(theta.to(device=base.device)).reshape(-1)
+        for s, e in blocks(n, _BLOCK):
+            b, th = flat_base[s:e], theta[s:e]
+            mu = torch.add(b, flat_tau[s:e], out=multi[:e - s])
+            nr = torch.sub(b, th, out=near[:e - s]).abs_()
+            fr = torch.sub(mu, th, out=far[:e - s]).abs_().mul_(lam)
+            count[s:e].add_(torch.gt(nr, fr, out=mask[:e - s]))
+    return torch.mul(tau, count.view(tau.shape) >= min_tasks, out=out)
 
 
 def save_masks(path: str | os.PathLike, masks: Masks) -> None:

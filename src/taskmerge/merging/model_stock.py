@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import float_keys, task_stack
+from taskmerge.merging.inputs import BLOCK, Part, float_keys, parts, shape_of, task_stack
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register
 
@@ -40,29 +40,56 @@ def stock_ratio(taus: Sequence[torch.Tensor] | torch.Tensor, average: str = "cos
     ``taus``: the task vectors, a sequence or stacked as [T, *shape]. Every pairwise inner product
     comes from one Gram matrix of the stacked rows (one matrix product instead of T² passes).
     """
+    x = taus if isinstance(taus, torch.Tensor) else torch.stack(list(taus))
+    t = ratio_from_gram(_gram(x, filter_wise), average)
+    return t.unsqueeze(-1) if filter_wise and x.dim() > 2 else t
+
+
+def _gram(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
+    """The T×T Gram of stacked task vectors [T, *shape]: one for the tensor, or one per row ([*rows, T, T])
+    when ``filter_wise`` (rows: the last dimension, as mergekit; a 0-/1-D tensor is one row)."""
+    k = x.shape[0]
+    if filter_wise and x.dim() > 2:
+        rows = x.reshape(k, -1, x.shape[-1]).transpose(0, 1)  # [R, T, C]
+        return (rows @ rows.transpose(1, 2)).reshape(*x.shape[1:-1], k, k)
+    flat = x.reshape(k, -1)
+    return flat @ flat.T
+
+
+def ratio_from_gram(gram: torch.Tensor, average: str = "cosine") -> torch.Tensor:
+    """t from the Gram matrix [..., T, T] of the task vectors (one t per leading index)."""
     if average not in ("cosine", "angle"):
         raise ValueError(f"model_stock: average={average!r}: choose cosine or angle")
-    x = taus if isinstance(taus, torch.Tensor) else torch.stack(list(taus))
-    k = x.shape[0]
-    if filter_wise and x.dim() > 2:  # one row per index of the leading dimensions, as mergekit
-        rows = x.reshape(k, -1, x.shape[-1]).transpose(0, 1)  # [R, T, C]
-        gram = (rows @ rows.transpose(1, 2)).reshape(*x.shape[1:-1], k, k)
-    else:
-        flat = x.reshape(k, -1)
-        gram = flat @ flat.T
+    k = gram.shape[-1]
     norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
-    i, j = torch.triu_indices(k, k, 1, device=x.device)  # every pair i < j, in lexicographic order
+    i, j = torch.triu_indices(k, k, 1, device=gram.device)  # every pair i < j, in lexicographic order
     cosines = (gram[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
     cos = cosines.mean(-1) if average == "cosine" else torch.cos(torch.arccos(cosines).mean(-1))
     denominator = (k - 1) * cos + 1
     singular = denominator.abs() < 1e-6  # mergekit 0.1.5: no finite estimate there, keep θ0 (t = 0)
-    t = torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
-    if filter_wise:
-        return t.unsqueeze(-1) if x.dim() > 2 else t.reshape(())  # 0-/1-D: one row
-    return t
+    return torch.where(singular, 0.0, k * cos / torch.where(singular, 1.0, denominator))
 
 
-@register("model_stock", memory="one key of every input, as one [T, …] stack; nothing across the model")
+def _stock_update(key: str, pretrained: StateDict, finetuned: Sequence[StateDict], average: str,
+                  filter_wise: bool, device) -> torch.Tensor:
+    """t · τ̄ of one tensor, in float32, read in row chunks of about ``inputs.BLOCK`` elements: each chunk's
+    [T, …] task stack adds its Σ_t τ_t into the result's rows and its Gram to the tensor's (or its rows'),
+    so no stack of the whole key is held (memory: the result and one chunk's stack)."""
+    out, grams = None, []
+    for item in parts(pretrained, [key], BLOCK):
+        stack = task_stack(item, pretrained, finetuned, device)
+        if out is None:
+            out = stack.new_empty(shape_of(pretrained, key))
+        torch.sum(stack, 0, out=out[item.start:item.stop] if isinstance(item, Part) else out)
+        grams.append(_gram(stack, filter_wise))
+    per_row = filter_wise and out.dim() > 1
+    gram = torch.cat(grams) if per_row else torch.stack(grams).sum(0)
+    t = ratio_from_gram(gram, average)
+    return out.div_(len(finetuned)).mul_(t.unsqueeze(-1) if per_row else t)
+
+
+@register("model_stock", memory="one key's result and one row chunk of every input (≈ inputs.BLOCK elements each, "
+          "as one [T, …] stack); nothing across the model")
 def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict], *,
                 average: Literal["cosine", "angle"] = "cosine",
                 filter_wise: bool = False,
@@ -83,5 +110,4 @@ def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         raise ValueError(f"model_stock needs at least 2 fine-tuned models (got {len(finetuned)}): "
                          f"t comes from the angle between task vectors")
     for key in float_keys(pretrained):
-        stack = task_stack(key, pretrained, finetuned, device)
-        yield key, Update(stack.mean(0).mul_(stock_ratio(stack, average, filter_wise)), 1.0, owned=True)
+        yield key, Update(_stock_update(key, pretrained, finetuned, average, filter_wise, device), 1.0, owned=True)
