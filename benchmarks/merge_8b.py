@@ -315,7 +315,8 @@ def main() -> None:
             if not (root / f"lora{i}").exists():
                 build_adapter(root / f"lora{i}", args.layers, 100 + i)
         build_s = time.perf_counter() - t0
-        disk = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        inputs = [root / "base", *root.glob("ft[0-9]"), *root.glob("lora[0-9]")]  # not outputs or leftovers
+        disk = sum(f.stat().st_size for d in inputs for f in d.rglob("*") if f.is_file())
         params = sum(numel(s) for _, s in model_shapes(args.layers))
         print(f"inputs: {params / 1e9:.2f}B parameters per model ({args.layers} of {FULL_LAYERS} decoder layers at "
               f"full width), {disk / GiB:.1f} GiB on disk, built in {build_s:.0f}s"

@@ -39,6 +39,7 @@ import gc
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -272,9 +273,16 @@ def _run_row(spec: dict, timeout: float, min_free_gib: float) -> dict:
         se.seek(0)
         lines = so.read().strip().splitlines()
         if proc.returncode != 0 or not lines:
-            err = [ln for ln in se.read().strip().splitlines() if ln.strip()] or [f"exit {proc.returncode}"]
-            return {**spec, "status": f"failed: {err[-1][:160]}"}
+            return {**spec, "status": f"failed: {_error_line(se.read(), proc.returncode)}"}
         return json.loads(lines[-1])
+
+
+def _error_line(stderr: str, returncode: int) -> str:
+    """The exception a failed worker raised, from its last ``SomethingError:`` line to the end of stderr
+    (a message wrapped over lines, as rich tracebacks print it, joined into one), else the last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()] or [f"exit {returncode}"]
+    starts = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", ln)]
+    return " ".join(lines[starts[-1] if starts else -1:])[:240]
 
 
 def _cell(res: dict | None) -> str:

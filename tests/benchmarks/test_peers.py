@@ -77,3 +77,14 @@ def test_new_methods_rows_run_with_their_hyperparameters(tmp_path):
     for r in rows:
         assert r["status"] == "ok", r
         assert r["output_bytes"] > 0 and r["seconds"] > 0
+
+
+def test_failed_worker_reports_its_exception_not_the_last_wrapped_line():
+    peers = _load("peers")
+    stderr = ("Traceback (most recent call last):\n│ ❱ 144 │ u, s, v = torch.linalg.svd(x) │\n"
+              "_LinAlgError: linalg.svd: The algorithm failed to converge because the input \n"
+              "matrix is ill-conditioned (error code: \n1).\n")
+    assert peers._error_line(stderr, 1) == ("_LinAlgError: linalg.svd: The algorithm failed to converge because the "
+                                            "input matrix is ill-conditioned (error code: 1).")
+    assert peers._error_line("Killed\n", -9) == "Killed"
+    assert peers._error_line("", -9) == "exit -9"
