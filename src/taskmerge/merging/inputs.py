@@ -100,11 +100,16 @@ def blocks(numel: int, size: int = BLOCK) -> Iterator[tuple[int, int]]:
     return ((s, min(numel, s + size)) for s in range(0, numel, size))
 
 
-def task_stack(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None) -> torch.Tensor:
+def task_stack(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None,
+               buffer: torch.Tensor | None = None) -> torch.Tensor:
     """[τ_1 … τ_T] of one key (or row chunk) as one float32 [T, *shape] tensor, written in place (the
-    values of ``torch.stack(task_vectors(...))`` with one allocation instead of T + 1)."""
+    values of ``torch.stack(task_vectors(...))`` with one allocation instead of T + 1). ``buffer``: a flat
+    float32 tensor on the same device whose storage is used instead when it is large enough (a loop over
+    chunks then allocates nothing)."""
     base = read(pretrained, item).to(device=device, dtype=torch.float32)
-    out = base.new_empty((len(finetuned), *base.shape))
+    shape = (len(finetuned), *base.shape)
+    fits = buffer is not None and buffer.numel() >= math.prod(shape) and buffer.device == base.device
+    out = buffer[:math.prod(shape)].view(shape) if fits else base.new_empty(shape)
     for t, sd in enumerate(finetuned):
         torch.sub(upcastable(read(sd, item).to(device=base.device)), base, out=out[t])
     return out

@@ -71,13 +71,16 @@ def ratio_from_gram(gram: torch.Tensor, average: str = "cosine") -> torch.Tensor
 
 
 def _stock_update(key: str, pretrained: StateDict, finetuned: Sequence[StateDict], average: str,
-                  filter_wise: bool, device) -> torch.Tensor:
+                  filter_wise: bool, device, buffer: list) -> torch.Tensor:
     """t · τ̄ of one tensor, in float32, read in row chunks of about ``inputs.BLOCK`` elements: each chunk's
     [T, …] task stack adds its Σ_t τ_t into the result's rows and its Gram to the tensor's (or its rows'),
-    so no stack of the whole key is held (memory: the result and one chunk's stack)."""
+    so no stack of the whole key is held (memory: the result and one chunk's stack). ``buffer`` holds the
+    largest stack so far, whose storage the next stacks reuse (no allocation per chunk)."""
     out, grams = None, []
     for item in parts(pretrained, [key], BLOCK):
-        stack = task_stack(item, pretrained, finetuned, device)
+        stack = task_stack(item, pretrained, finetuned, device, buffer[0] if buffer else None)
+        if not buffer or stack.numel() > buffer[0].numel() or stack.device != buffer[0].device:
+            buffer[:] = [stack.reshape(-1)]
         if out is None:
             out = stack.new_empty(shape_of(pretrained, key))
         torch.sum(stack, 0, out=out[item.start:item.stop] if isinstance(item, Part) else out)
@@ -109,5 +112,7 @@ def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     if len(finetuned) < 2:
         raise ValueError(f"model_stock needs at least 2 fine-tuned models (got {len(finetuned)}): "
                          f"t comes from the angle between task vectors")
+    buffer = []  # one chunk's [T, …] stack, reused from key to key
     for key in float_keys(pretrained):
-        yield key, Update(_stock_update(key, pretrained, finetuned, average, filter_wise, device), 1.0, owned=True)
+        yield key, Update(_stock_update(key, pretrained, finetuned, average, filter_wise, device, buffer), 1.0,
+                          owned=True)
