@@ -130,3 +130,25 @@ def test_dare_stream_rescales_and_is_deterministic():
     assert not torch.equal(first[0][1][0], first[0][1][1])  # tasks get different masks
     with pytest.raises(ValueError):
         dare_stream(task_stream(pre, fts), 1.0, 0)
+
+
+def test_global_thresholds_take_two_passes_and_count_values_in_the_first():
+    from taskmerge.merging.primitives import global_topk_thresholds, kthvalue_abs
+
+    g = torch.Generator().manual_seed(6)
+    keys = {"a": torch.randn(3, 50, 7, generator=g), "b": torch.randn(3, 11, generator=g)}  # 3 tasks
+    reads = []
+
+    def stream():
+        for key, stack in keys.items():
+            reads.append(key)
+            yield key, list(stack)
+    for k in (20.0, 1.0):
+        reads.clear()
+        got = global_topk_thresholds(stream, k)
+        assert reads == ["a", "b"] * 2  # no pass only to count the values
+        flat = torch.cat([s.reshape(3, -1) for s in keys.values()], 1)
+        rank = kth_index(flat.shape[1], k)
+        assert [float(x) for x in got] == [float(kthvalue_abs(flat[t], rank)) for t in range(3)]
+    reads.clear()
+    assert global_topk_thresholds(stream, 100.0) == [None] * 3 and reads == ["a"]

@@ -99,24 +99,29 @@ def _abs_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().float().abs().flatten().view(torch.int32)
 
 
-def streamed_kthvalue_abs(stream: TaskStream, ranks: Sequence[int]) -> list[torch.Tensor | None]:
+def streamed_kthvalue_abs(stream: TaskStream, ranks: Sequence[int] | Callable[[int], int]
+                          ) -> list[torch.Tensor | None]:
     """Exact ``kthvalue(|concat_keys(τ_t)|, ranks[t])`` per task without concatenating anything.
 
     Radix selection on the float32 bit pattern of |x|, in two passes over the stream: pass 1
     histograms the high 16 bits and finds the bucket holding the rank-th value, pass 2 histograms
     the low 16 bits inside that bucket. The result equals ``torch.kthvalue`` bit for bit (it *is*
     one of the values); ties need no special care. A rank of 0 gives None (no trim).
+
+    ``ranks``: one per task, or a function giving every task's rank from the number of values per
+    task, which pass 1 counts while it histograms (no pass of its own over the inputs).
     """
-    todo = [t for t, r in enumerate(ranks) if r > 0]
+    if callable(ranks):
+        high, numel = _high_histograms(stream, None)
+        ranks = [ranks(numel)] * len(high)
+    else:
+        todo = [t for t, r in enumerate(ranks) if r > 0]
+        if not todo:
+            return [None] * len(ranks)
+        high, _ = _high_histograms(stream, todo)
     out: list[torch.Tensor | None] = [None] * len(ranks)
-    if not todo:
-        return out
-    high = {t: torch.zeros(1 << 16, dtype=torch.long) for t in todo}
-    for _, taus in stream():
-        for t in todo:
-            high[t] += torch.bincount(_abs_bits(taus[t]) >> 16, minlength=1 << 16).cpu()
     prefix, rest = {}, {}
-    for t in todo:
+    for t in [t for t in high if ranks[t] > 0]:
         cum = high[t].cumsum(0)
         if int(cum[-1]) + 1 == ranks[t]:  # exact count of zero values: nothing is kept
             out[t] = torch.tensor(float("inf"))
@@ -125,27 +130,41 @@ def streamed_kthvalue_abs(stream: TaskStream, ranks: Sequence[int]) -> list[torc
             raise ValueError(f"rank {ranks[t]} exceeds the {int(cum[-1])} values of task {t}")
         prefix[t] = int(torch.searchsorted(cum, ranks[t]))  # first bucket with cum >= rank
         rest[t] = ranks[t] - (int(cum[prefix[t] - 1]) if prefix[t] > 0 else 0)
-    todo = [t for t in todo if out[t] is None]
-    if not todo:
+    if not prefix:
         return out
-    low = {t: torch.zeros(1 << 16, dtype=torch.long) for t in todo}
+    low = {t: torch.zeros(1 << 16, dtype=torch.long) for t in prefix}
     for _, taus in stream():
-        for t in todo:
+        for t in prefix:
             bits = _abs_bits(taus[t])
             low[t] += torch.bincount(bits[(bits >> 16) == prefix[t]] & 0xFFFF, minlength=1 << 16).cpu()
-    for t in todo:
+    for t in prefix:
         bits = (prefix[t] << 16) | int(torch.searchsorted(low[t].cumsum(0), rest[t]))
         out[t] = torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
     return out
 
 
-def global_topk_thresholds(stream: TaskStream, k: float, exact: bool = False) -> list[torch.Tensor | None]:
-    """Official TIES/TALL/KnOTS trim thresholds: one per task over all keys of the stream."""
-    numel, num_tasks = 0, None
+def _high_histograms(stream: TaskStream, todo: Sequence[int] | None) -> tuple[dict[int, torch.Tensor], int]:
+    """Pass 1 of the radix selection: per task in ``todo`` (every task when None) the histogram of the
+    high 16 bits of |τ_t|, and the number of values per task."""
+    high: dict[int, torch.Tensor] | None = None
+    numel = 0
     for _, taus in stream():
+        if high is None:
+            high = {t: torch.zeros(1 << 16, dtype=torch.long) for t in (range(len(taus)) if todo is None else todo)}
         numel += taus[0].numel()
-        num_tasks = len(taus)
-    return streamed_kthvalue_abs(stream, [kth_index(numel, k, exact)] * (num_tasks or 0))
+        for t in high:
+            high[t] += torch.bincount(_abs_bits(taus[t]) >> 16, minlength=1 << 16).cpu()
+    return high or {}, numel
+
+
+def global_topk_thresholds(stream: TaskStream, k: float, exact: bool = False) -> list[torch.Tensor | None]:
+    """Official TIES/TALL/KnOTS trim thresholds: one per task over all keys of the stream (two passes;
+    none for k=100, which reads one key for the number of tasks)."""
+    kth_index(0, k)  # checks k
+    if k == 100:
+        first = next(iter(stream()), None)
+        return [None] * (len(first[1]) if first is not None else 0)
+    return streamed_kthvalue_abs(stream, lambda numel: kth_index(numel, k, exact))
 
 
 def trim(tau: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
