@@ -39,7 +39,7 @@ def cached_stream(stream: TaskStream, nbytes: int) -> TaskStream:
     """``stream``, replayed from memory after its first complete pass when its tensors total
     ``nbytes`` ≤ :func:`stream_cache_bytes`.
 
-    Multi-pass methods (global top-k: 3 passes, majority sign, merge; DARE's masks) otherwise
+    Multi-pass methods (global top-k: 2 passes, majority sign, merge; DARE's masks) otherwise
     recompute every τ (and redraw every mask) on each pass. That is the right trade for a model
     that does not fit in memory, and a waste for one that does (a small model, or a search that
     merges many times): with the cache, the first pass costs what it did and the others are free.
