@@ -104,3 +104,16 @@ def test_tensor_scope_selection_equals_the_stable_sort(shape, values):
     for density in (0.01, 0.15, 0.5, 0.9, 0.99):
         for gamma in (0.0, 0.006, 0.1, 0.3):
             assert torch.equal(breadcrumbs_mask(tau, density, gamma), stable_sort_mask(tau, density, gamma))
+
+
+def test_masked_task_vectors_are_summed_like_a_stack():
+    # the merge accumulates τ_t ⊙ m_t one task at a time: the same values as summing their stack
+    g = torch.Generator().manual_seed(7)
+    pre = {"w": torch.randn(64, 33, generator=g)}
+    fts = [{"w": pre["w"] + 0.1 * torch.randn(64, 33, generator=g)} for _ in range(4)]
+    taus = [f["w"] - pre["w"] for f in fts]
+    want = torch.stack([t * breadcrumbs_mask(t, 0.3, 0.05) for t in taus]).sum(0)
+    got = merge("breadcrumbs", pre, fts, {"density": 0.3, "gamma": 0.05, "scaling": 1.0})["w"] - pre["w"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert torch.equal(merge("breadcrumbs", pre, fts, {"density": 0.3, "gamma": 0.05, "scaling": 1.0})["w"],
+                       pre["w"] + want)

@@ -141,5 +141,8 @@ def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     mergekit's and ours keep ``keep`` entries.
     """
     for key, taus in task_stream(pretrained, finetuned, device)():
-        kept = [tau * breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice) for tau in taus]
-        yield key, Update(torch.stack(kept).sum(0), scaling, owned=True)
+        total = None  # Σ_t τ_t ⊙ m_t accumulated in task order (as a stack's sum), one masked τ alive at a time
+        for tau in taus:
+            kept = tau * breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice)
+            total = kept if total is None else total.add_(kept)
+        yield key, Update(total, scaling, owned=True)
