@@ -29,7 +29,7 @@ from typing import Annotated, Literal, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import task_stream
+from taskmerge.merging.inputs import BLOCK, float_keys, read, upcastable
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.primitives import streamed_kthvalue_abs
 from taskmerge.merging.registry import Range, StateDict, register
@@ -75,7 +75,8 @@ def middle_mask(tau: torch.Tensor, bottom: int, top: int) -> torch.Tensor:
     n = tau.numel()
     a = tau.detach().float().abs()
     a = a.reshape(-1, a.shape[-1]) if a.dim() >= 2 else a.reshape(1, -1)  # rows: _nth_true counts per row
-    lo, hi = streamed_kthvalue_abs(lambda: [(None, [a, a])], [bottom + 1, n - top])
+    chunks = lambda: ((None, [c, c]) for c in a.split(max(1, 16 * BLOCK // a.shape[-1])))  # noqa: E731
+    lo, hi = streamed_kthvalue_abs(chunks, [bottom + 1, n - top])  # row chunks: the selection's temporaries stay small
     below_lo, below_hi = int(torch.count_nonzero(a < lo)), int(torch.count_nonzero(a < hi))
     if lo == hi:
         keep = _equal_run(a, lo, bottom - below_lo, n - top - 1 - below_lo)
@@ -112,7 +113,8 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: str
 
 
 @register("breadcrumbs", linear_in="scaling",
-          memory="one key of every input (an exact selection per task; scope=row: a sort per row); nothing across the model")
+          memory="one key of θ0, one task's τ and the running sum (an exact selection per task; scope=row: a sort per "
+                 "row); nothing across the model")
 def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
                 density: Fraction = 0.15,
                 gamma: Fraction = 0.006,
@@ -140,9 +142,11 @@ def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     arbitrarily); the official code's ``bottom < 0`` case (keep + top > n) keeps n − top entries,
     mergekit's and ours keep ``keep`` entries.
     """
-    for key, taus in task_stream(pretrained, finetuned, device)():
-        total = None  # Σ_t τ_t ⊙ m_t accumulated in task order (as a stack's sum), one masked τ alive at a time
-        for tau in taus:
-            kept = tau * breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice)
+    for key in float_keys(pretrained):
+        base = read(pretrained, key).to(device=device, dtype=torch.float32)
+        total = None  # Σ_t τ_t ⊙ m_t accumulated in task order (as a stack's sum), one τ_t read at a time
+        for sd in finetuned:
+            tau = torch.sub(upcastable(read(sd, key).to(device=base.device)), base)
+            kept = tau.mul_(breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice))
             total = kept if total is None else total.add_(kept)
         yield key, Update(total, scaling, owned=True)
