@@ -16,7 +16,7 @@ from taskmerge.merging.registry import StateDict, register
 SUMMED = "one key (row chunk) of one input at a time, plus two float32 buffers of it; nothing across the model"
 
 
-@register("average", memory=SUMMED)
+@register("average", key_local=True, memory=SUMMED)
 def average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=None, chunk_numel=None):
     """Weight averaging: θ = (1/T) Σ_t θ_t, element-wise over every floating tensor.
 
@@ -26,7 +26,7 @@ def average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=Non
         yield item, Update(task_vector_sum(item, pretrained, finetuned, device).div_(len(finetuned)), 1.0, owned=True)
 
 
-@register("task_arithmetic", linear_in="scaling", memory=SUMMED)
+@register("task_arithmetic", key_local=True, linear_in="scaling", memory=SUMMED)
 def task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *, scaling: float = 0.3,
                     device=None, chunk_numel=None):
     """Task Arithmetic: θ = θ0 + λ Σ_t τ_t with τ_t = θ_t − θ0.

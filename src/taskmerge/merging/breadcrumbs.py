@@ -112,7 +112,7 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: str
     return ((ranks >= bottom) & (ranks < n - top)).reshape(tau.shape)
 
 
-@register("breadcrumbs", linear_in="scaling",
+@register("breadcrumbs", key_local=True, linear_in="scaling",
           memory="one key of θ0, one task's τ and the running sum (an exact selection per task; scope=row: a sort per "
                  "row); nothing across the model")
 def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,

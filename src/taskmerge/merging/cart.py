@@ -70,7 +70,7 @@ def _low_rank_store(cache: dict | None, setting: tuple) -> dict | None:
     return cache.setdefault(name, {})
 
 
-@register("cart", memory="one key of every input (T SVDs of one matrix); in a search, the cache keeps "
+@register("cart", key_local=True, memory="one key of every input (T SVDs of one matrix); in a search, the cache keeps "
                          "Σ_t lowrank(τ_t − τ̄) of every SVD'd matrix for the current rank_fraction")
 def cart(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          scaling: float = 2.0,

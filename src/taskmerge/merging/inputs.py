@@ -197,6 +197,38 @@ class Cast(Mapping):
         return key in self.state
 
 
+class Without(Mapping):
+    """A model minus the keys ``skip``, lazy like its source: what a key-local method is handed to finish
+    an interrupted streamed merge (``io.merge_writer.write_merged(resume=True)``) without recomputing
+    the keys already written."""
+
+    def __init__(self, state: Mapping, skip):
+        self.state, self.skip = state, frozenset(skip)
+
+    def __getitem__(self, key):
+        if key in self.skip:
+            raise KeyError(key)
+        return self.state[key]
+
+    def rows(self, key, start, stop):
+        return read(self.state, Part(key, start, stop))
+
+    def shape(self, key):
+        return shape_of(self.state, key)
+
+    def dtype(self, key):
+        return dtype_of(self.state, key)
+
+    def __iter__(self):
+        return (k for k in self.state if k not in self.skip)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def __contains__(self, key):
+        return key not in self.skip and key in self.state
+
+
 def check_models(pretrained: StateDict, finetuned: Sequence[StateDict], names: Sequence[str] | None = None,
                  finite: bool = True) -> None:
     """Raise a clear ValueError when the models cannot be merged together.

@@ -49,7 +49,7 @@ def mean_task_vector(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(taus)).mean(0)
 
 
-@register("iso_c", linear_in="scaling", memory="one key of every input (one SVD of Σ_t τ_t); nothing across the model")
+@register("iso_c", key_local=True, linear_in="scaling", memory="one key of every input (one SVD of Σ_t τ_t); nothing across the model")
 def iso_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           scaling: float = 1.0,
           svd_scope: Literal["all_2d", "linear"] = "all_2d",

@@ -61,7 +61,7 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], fraction: float) -> torch.Tenso
     return (polar_u * s_all.mean()) @ polar_vh
 
 
-@register("iso_cts", linear_in="scaling",
+@register("iso_cts", key_local=True, linear_in="scaling",
           memory="one key of every input (T + 3 SVDs of one matrix); nothing across the model")
 def iso_cts(pretrained: StateDict, finetuned: Sequence[StateDict], *,
             scaling: float = 1.0,

@@ -91,7 +91,7 @@ def _stock_update(key: str, pretrained: StateDict, finetuned: Sequence[StateDict
     return out.div_(len(finetuned)).mul_(t.unsqueeze(-1) if per_row else t)
 
 
-@register("model_stock", memory="one key's result and one row chunk of every input (≈ inputs.BLOCK elements each, "
+@register("model_stock", key_local=True, memory="one key's result and one row chunk of every input (≈ inputs.BLOCK elements each, "
           "as one [T, …] stack); nothing across the model")
 def model_stock(pretrained: StateDict, finetuned: Sequence[StateDict], *,
                 average: Literal["cosine", "angle"] = "cosine",

@@ -47,6 +47,15 @@ Declared properties:
   the merge is the last view;
 - ``memory``: what the method holds beyond one key of every input (its carried state), in words;
   ``taskmerge methods NAME`` prints it.
+- ``key_local``: a key's result depends only on that key of the inputs (and of the statistics), for
+  every setting of the hyperparameters. Then the method run over a model with some keys removed
+  yields the same values for the others (tested for every such method), which is how an
+  interrupted streamed merge resumes (``write_merged(resume=True)``, ``taskmerge merge --resume``).
+  False for carried state (OPCM, TALL/Consensus' τ_MTL), global thresholds (TIES' default trim),
+  RNG streams across keys (DARE) and per-block statistics (RegMean++); also, for now, for Fisher and
+  RegMean, whose math is per key but whose statistics checks read the whole model they are handed.
+- ``cross_key``: {hyperparameter: values} under which a ``key_local`` method merges some keys jointly
+  (WUDI's ``qkv="stacked"`` optimises q, k and v as one matrix); ``Method.is_key_local(hparams)``.
 """
 from __future__ import annotations
 
@@ -138,6 +147,13 @@ class Method:
     sequential: bool = False
     inputs: Literal["state_dict", "lora"] = "state_dict"
     memory: str = "one key of every input"
+    key_local: bool = False
+    cross_key: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+
+    def is_key_local(self, hparams: Mapping[str, Any] | None = None) -> bool:
+        """``key_local`` at these hyperparameters (``cross_key`` names the settings that join keys)."""
+        resolved = self.resolve(hparams)
+        return self.key_local and not any(resolved[k] in values for k, values in self.cross_key.items())
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -198,7 +214,8 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, output: str = "model", linear_in: str | None = None,
-             sequential: bool = False, inputs: str = "state_dict", memory: str = "one key of every input"):
+             sequential: bool = False, inputs: str = "state_dict", memory: str = "one key of every input",
+             key_local: bool = False, cross_key: Mapping[str, tuple] | None = None):
     """Decorator: register ``fn`` under ``name`` with its keyword-only hyperparameters."""
 
     def deco(fn):
@@ -217,7 +234,10 @@ def register(name: str, *, output: str = "model", linear_in: str | None = None,
             raise TypeError(f"{name}: linear_in={linear_in!r} is not a hyperparameter")
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, params, frozenset(context), output, linear_in, sequential, inputs, memory)
+        if set(cross_key or {}) - set(params):
+            raise TypeError(f"{name}: cross_key names {sorted(set(cross_key) - set(params))}, not hyperparameters")
+        METHODS[name] = Method(name, fn, params, frozenset(context), output, linear_in, sequential, inputs, memory,
+                               key_local, dict(cross_key or {}))
         return fn
 
     return deco

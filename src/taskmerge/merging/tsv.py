@@ -106,7 +106,7 @@ def tsv_m_directions(pretrained: StateDict, finetuned: Sequence[StateDict], *, v
             yield key, torch.stack(taus).mean(0)
 
 
-@register("tsv_m", linear_in="scaling", memory="one key of every input (its SVDs); nothing across the model")
+@register("tsv_m", key_local=True, linear_in="scaling", memory="one key of every input (its SVDs); nothing across the model")
 def tsv_m(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           scaling: float = 1.0,
           variant: Literal["polar", "eigen"] = "polar",
@@ -146,7 +146,7 @@ def low_rank(tau: torch.Tensor, num_tasks: int) -> torch.Tensor:
     return (u * s) @ vh
 
 
-@register("tsv_c", output="per_task", memory="one key of every input and its T outputs")
+@register("tsv_c", key_local=True, output="per_task", memory="one key of every input and its T outputs")
 def tsv_c(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           svd_scope: Literal["all_2d", "linear"] = "all_2d",
           svd_exclude: str = "",

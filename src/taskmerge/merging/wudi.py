@@ -118,7 +118,7 @@ def _optimise(pretrained, finetuned, group, qkv, iterations, lr, device) -> dict
     return {key: wudi_matrix(task, iterations, lr)}
 
 
-@register("wudi", linear_in="scaling",
+@register("wudi", key_local=True, cross_key={"qkv": ("stacked",)}, linear_in="scaling",
           memory="one linear layer's T task vectors, its [in, in] Gram and Adam's two moments (three for stacked "
                  "q, k, v); nothing across the model")
 def wudi(pretrained: StateDict, finetuned: Sequence[StateDict], *,
