@@ -54,6 +54,10 @@ def _add_merge(sub) -> None:
                         "lora_merge with inner=task_arithmetic, knots); loads with PeftModel.from_pretrained")
     p.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
                    help="largest shard of a folder output, in GB (default 5, as save_pretrained)")
+    p.add_argument("--resume", action="store_true",
+                   help="build the output in .OUT.partial beside it, journaling the tensors written; if that folder "
+                        "exists (an interrupted run of the same command), finish it instead of starting again. "
+                        "Methods whose tensors are merged independently (`taskmerge methods` says 'resumable')")
     p.set_defaults(run=_run_merge)
 
 
@@ -63,7 +67,8 @@ def _run_merge(args) -> int:
     written = merge_files(args.method, args.pretrained, args.finetuned, args.output,
                           hparams=parse_hparams(args.param), device=args.device, dtype=args.dtype,
                           trust_pickle=args.trust_pickle, stats_paths=args.stats,
-                          max_shard_bytes=int(args.max_shard_size * 2**30), output_format=args.output_format)
+                          max_shard_bytes=int(args.max_shard_size * 2**30), output_format=args.output_format,
+                          resume=args.resume)
     for path in written:
         print(path)
     return 0
@@ -102,6 +107,11 @@ def configs_using(name: str) -> list[str]:
     return [str(p.relative_to(root.parent)) for p in hits]
 
 
+def _resumable(method) -> str:
+    unless = [f"{k}={'|'.join(map(str, v))}" for k, v in method.cross_key.items()]
+    return "resumable" + (f" (not with {', '.join(unless)})" if unless else "")
+
+
 def _run_methods(args) -> int:
     from taskmerge.merging import METHODS, get_method
 
@@ -111,6 +121,7 @@ def _run_methods(args) -> int:
         flags = [f"output={m.output}"] + (["sequential"] if m.sequential else []) + \
                 ([f"linear_in={m.linear_in}"] if m.linear_in else []) + \
                 ([f"inputs={m.inputs}"] if m.inputs != "state_dict" else []) + \
+                ([_resumable(m)] if m.key_local and m.output == "model" else []) + \
                 ([f"needs {', '.join(sorted(m.context - {'device', 'kinds'}))}"]
                  if m.context - {"device", "kinds"} else [])
         print(f"{name}  ({'; '.join(flags)})")

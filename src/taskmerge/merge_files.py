@@ -96,7 +96,7 @@ def write_adapter(method, pretrained, finetuned, output: Path, hparams, context,
 def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, output, *,
                 hparams: Mapping[str, str] | None = None, device: str = "cpu", dtype: str | None = None,
                 trust_pickle: bool = False, stats_paths: Sequence | None = None, progress: bool = True,
-                max_shard_bytes: int | None = None, output_format: str = "model") -> list[Path]:
+                max_shard_bytes: int | None = None, output_format: str = "model", resume: bool = False) -> list[Path]:
     """Merge the checkpoints and write ``output``; returns the written model files or folders.
 
     ``output``: a ``.safetensors`` file, or a folder (an HF model folder: shards + index above
@@ -106,6 +106,7 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
     exactly low-rank (``lora_merge`` with inner=task_arithmetic, ``knots``).
     ``stats_paths``: one statistics file (``taskmerge.stats``) per fine-tuned model, same order,
     for the methods that need them (fisher, regmean, mats).
+    ``resume``: finish an interrupted run of the same merge (``io.merge_writer``, key-local methods).
     """
     method = get_method(method_name)
     resolved = method.resolve(hparams)  # unknown names, bad types, out-of-range values fail here
@@ -126,6 +127,8 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
         raise ValueError(f"--output-format adapter: method {method.name!r} merges full weights; only LoRA-factor "
                          f"methods (lora_merge, knots) produce an adapter")
     output = Path(output)
+    if resume and output_format == "adapter":
+        raise ValueError("--resume: adapter outputs are written at once; resume applies to model outputs")
     if output_format == "adapter" and output.suffix == ".safetensors":
         raise ValueError(f"{output}: an adapter output is a folder, not a .safetensors file")
     _check_output(output, method.output == "per_task", [pretrained_path, *finetuned_paths, *stats_paths])
@@ -150,7 +153,7 @@ def merge_files(method_name: str, pretrained_path, finetuned_paths: Sequence, ou
         return [write_adapter(method, pretrained, finetuned, output, resolved, context, finetuned_paths[0])]
     kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     written = write_merged(method, pretrained, finetuned, output, hparams=resolved, context=context, metadata=meta,
-                           progress=progress, **kwargs)
+                           progress=progress, resume=resume, **kwargs)
     if method.output == "model" and output.suffix != ".safetensors":
         copy_model_files(pretrained_path, output)
     return written

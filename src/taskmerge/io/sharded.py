@@ -9,6 +9,9 @@
   shapes and dtypes (safetensors needs every offset in the header before the data), each tensor
   written at its offset as soon as it is produced and then dropped; ``close()`` writes
   ``model.safetensors.index.json`` (Hugging Face's format) and moves the finished folder into place.
+  With ``partial=FOLDER`` the shards are built in that fixed folder, with a manifest of the plan and a
+  journal of the tensors known to be on disk (fsynced first, every ``SYNC_SECONDS``); a later writer
+  with the same plan reopens them and skips those tensors (``resumed``): an interrupted merge resumes.
 
 A read → write round trip is bit-identical (same bytes for every tensor; tested).
 """
@@ -19,6 +22,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
@@ -30,6 +34,8 @@ from taskmerge.io.tensors import _DTYPES, ModelFileError
 INDEX = "model.safetensors.index.json"
 _CODES = {v: k for k, v in _DTYPES.items() if v is not None}
 DEFAULT_SHARD_BYTES = 5 * 2**30  # Hugging Face's default max_shard_size ("5GB")
+MANIFEST, JOURNAL = "taskmerge-partial.json", "taskmerge-written.txt"  # in a partial folder only
+SYNC_SECONDS = 30.0  # a partial writer fsyncs and journals its finished tensors at most this often
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
@@ -163,14 +169,30 @@ class ShardedWriter:
     """
 
     def __init__(self, out_dir, specs, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, partial=None, fingerprint=None):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
             raise ValueError(f"{self.out_dir}: the output folder must not exist or be empty")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
-        shards = plan_shards(specs, max_shard_bytes)
+        specs = list(specs)
         self.metadata = dict(metadata or {})
+        self.partial = partial is not None
+        reopen = False
+        if partial is None:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", suffix=".tmp", dir=self.out_dir.parent))
+        else:
+            self.tmp = Path(partial)
+            manifest = json.loads(json.dumps({"specs": [[k, list(s), _CODES.get(d, str(d))] for k, s, d in specs],
+                                              "max_shard_bytes": max_shard_bytes, "metadata": self.metadata,
+                                              "fingerprint": fingerprint}))
+            reopen = (self.tmp / MANIFEST).is_file()
+            if reopen:
+                _check_manifest(self.tmp, manifest)
+            else:
+                if self.tmp.exists():
+                    raise ValueError(f"{self.tmp}: exists but is not a partial merge (no {MANIFEST}); move it away")
+                self.tmp.mkdir(parents=True)
+        shards = plan_shards(specs, max_shard_bytes)
         self._slots: dict[str, tuple[int, tuple, torch.dtype, int, int]] = {}
         self._files, self._names = [], []
         self._pending: set[str] = set()
@@ -191,15 +213,35 @@ class ShardedWriter:
                 header["__metadata__"] = self.metadata
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
-            fh = open(self.tmp / name, "wb+", buffering=0)
-            fh.write(struct.pack("<Q", len(raw)) + raw)
-            fh.truncate(8 + len(raw) + offset)
+            size = 8 + len(raw) + offset
+            if reopen:
+                if not (self.tmp / name).is_file() or (self.tmp / name).stat().st_size != size:
+                    raise ValueError(f"{self.tmp / name}: missing or not {size} bytes; the partial merge is damaged, "
+                                     f"delete {self.tmp} to start again")
+                fh = open(self.tmp / name, "rb+", buffering=0)
+            else:
+                fh = open(self.tmp / name, "wb+", buffering=0)
+                fh.write(struct.pack("<Q", len(raw)) + raw)
+                fh.truncate(size)
             self._files.append((fh, 8 + len(raw)))
             self._names.append(name)
             total += offset
         self.total_bytes = total
         self._pending = set(self._slots)
         self._rows: dict[str, int] = {}
+        self._unsynced: list[str] = []
+        self._synced_at = time.monotonic()
+        self.resumed: frozenset[str] = frozenset()
+        if reopen:
+            journal = (self.tmp / JOURNAL).read_text() if (self.tmp / JOURNAL).is_file() else ""
+            if not journal.endswith("\n") and journal:  # a line torn by a kill: dropped, so appends stay whole
+                journal = journal[:journal.rfind("\n") + 1]
+                (self.tmp / JOURNAL).write_text(journal)
+            written = journal.split("\n")[:-1]
+            self.resumed = frozenset(k for k in written if k in self._slots)
+            self._pending -= self.resumed
+        elif self.partial:
+            (self.tmp / MANIFEST).write_text(json.dumps(manifest) + "\n")
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if key not in self._slots:
@@ -215,7 +257,7 @@ class ShardedWriter:
             view, done = memoryview(data), 0
             while done < n:
                 done += os.pwrite(fh.fileno(), view[done:], start + offset + done)
-        self._pending.discard(key)
+        self._finished(key)
 
     def write_rows(self, key: str, start: int, rows: torch.Tensor) -> None:
         """Write ``rows`` as ``key[start:start + len(rows)]`` (a tensor produced in row chunks)."""
@@ -233,7 +275,38 @@ class ShardedWriter:
             done += os.pwrite(fh.fileno(), view[done:], begin + offset + start * row_bytes + done)
         self._rows[key] = self._rows.get(key, 0) + rows.shape[0]
         if self._rows[key] == shape[0]:
-            self._pending.discard(key)
+            self._finished(key)
+
+    def _finished(self, key: str) -> None:
+        self._pending.discard(key)
+        if self.partial:
+            self._unsynced.append(key)
+            if time.monotonic() - self._synced_at >= SYNC_SECONDS:
+                self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the finished tensors durable, then journal them (a partial writer; a no-op otherwise)."""
+        if not self.partial:
+            return
+        if self._unsynced:
+            for fh, _ in self._files:
+                os.fsync(fh.fileno())
+            with open(self.tmp / JOURNAL, "a") as journal:
+                journal.write("".join(k + "\n" for k in self._unsynced))
+                journal.flush()
+                os.fsync(journal.fileno())
+            self._unsynced = []
+        self._synced_at = time.monotonic()
+
+    def keep(self) -> int:
+        """Stop, leaving the partial folder for a later writer to resume; returns how many tensors it holds."""
+        if not self.partial:
+            raise ValueError("only a writer with partial=FOLDER can keep its unfinished shards")
+        self.checkpoint()
+        for fh, _ in self._files:
+            if not fh.closed:
+                fh.close()
+        return len(self._slots) - len(self._pending)
 
     def pending(self) -> list[str]:
         """Planned tensors not yet (completely) written, in plan order."""
@@ -251,6 +324,8 @@ class ShardedWriter:
             os.fsync(fh.fileno())
             fh.close()
         index = {"metadata": {"total_size": self.total_bytes, **self.metadata}, "weight_map": weight_map}
+        for name in (MANIFEST, JOURNAL):
+            (self.tmp / name).unlink(missing_ok=True)
         (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if self.out_dir.is_dir():
             self.out_dir.rmdir()  # empty (checked in __init__)
@@ -271,6 +346,18 @@ class ShardedWriter:
             self.close()
         else:
             self.abort()
+
+
+def _check_manifest(folder: Path, manifest: dict) -> None:
+    """A partial folder is resumed only by the same plan, metadata and inputs; else a clear error."""
+    try:
+        old = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / MANIFEST}: unreadable ({e}); delete {folder} to start again") from None
+    for field in ("specs", "max_shard_bytes", "metadata", "fingerprint"):
+        if old.get(field) != manifest[field]:
+            raise ValueError(f"{folder}: a partial merge with a different {field} (other inputs, method, "
+                             f"hyperparameters or shard size); delete it to start again, or resume with the same ones")
 
 
 def specs_of(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple, torch.dtype]]:
