@@ -196,7 +196,8 @@ def child(args) -> None:
     """Run one method; print one JSON line with wall time, peak RSS and per-tensor write times."""
     from taskmerge.io.peft import load_lora_factors
     from taskmerge.io.sharded import ShardedReader
-    from taskmerge.io.merge_writer import write_merged
+    from taskmerge.io.merge_writer import partial_folder, write_merged
+    from taskmerge.io.sharded import JOURNAL
     from taskmerge.merging import get_method
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -207,19 +208,30 @@ def child(args) -> None:
     base = ShardedReader(root / "base")
     fts = [FinetunedOnTheFly(base, i + 1) if args.finetuned_on_the_fly else ShardedReader(root / f"ft{i}")
            for i in range(3)] if kind == "full" else []
+    journal = partial_folder(out) / JOURNAL
+    resumed = len(journal.read_text().split()) if args.resume and journal.is_file() else 0
     times, t0 = [], time.perf_counter()
-    on_write = lambda key: times.append((key, time.perf_counter() - t0))  # noqa: E731
+    log = open(root / f"resume-{method}.log", "a") if args.resume else None  # a killed part's times survive
+
+    def on_write(key):
+        times.append((key, time.perf_counter() - t0))
+        if log is not None:
+            print(json.dumps({"key": key, "s": round(times[-1][1], 2), "part_started": started}), file=log, flush=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     if kind == "lora":
         lora = [load_lora_factors(root / f"lora{i}", base) for i in range(6)]
         write_merged(get_method(method), base, lora, out, hparams=hp, context={"lora": lora}, progress=False,
                      on_write=on_write)
     else:  # the scratch (OPCM's τ̄) lives beside the output, under root
-        write_merged(get_method(method), base, fts, out, hparams=hp, progress=False, on_write=on_write)
+        write_merged(get_method(method), base, fts, out, hparams=hp, progress=False, on_write=on_write,
+                     resume=args.resume)
     wall = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if not args.keep_outputs:
         shutil.rmtree(out, ignore_errors=True)
     row = {"method": method, "wall_s": wall, "peak_rss_bytes": rss, "writes": times}
+    if args.resume:  # wall_s is this part only: add the parts' times for the whole merge
+        row["resumed_tensors"] = resumed
     if kind == "full" and args.finetuned_on_the_fly:  # included in wall_s: generation, not a disk read
         row["finetuned_generated_s"] = sum(ft.generate_s for ft in fts)
     print(json.dumps(row))
@@ -283,6 +295,10 @@ def main() -> None:
     ap.add_argument("--keep-outputs", action="store_true",
                     help="keep each merged model as ROOT/out-METHOD (and the inputs): for checking results")
     ap.add_argument("--json", help="results file (default: benchmarks/merge_8b_results.json)")
+    ap.add_argument("--resume", action="store_true",
+                    help="resumable methods (tsv_m, task_arithmetic, …): build each output in ROOT/.out-METHOD.partial "
+                         "and finish an interrupted one found there; each row's wall_s is then this part only, "
+                         "with resumed_tensors = the tensors an earlier part wrote")
     ap.add_argument("--tiny", action="store_true", help="smoke test: shrink every dimension")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -327,7 +343,8 @@ def main() -> None:
             proc = subprocess.run([sys.executable, __file__, "--root", str(root), "--layers", str(args.layers),
                                    "--child", method] + (["--tiny"] if args.tiny else [])
                                   + (["--finetuned-on-the-fly"] if on_the_fly else [])
-                                  + (["--keep-outputs"] if args.keep_outputs else []), capture_output=True, text=True)
+                                  + (["--keep-outputs"] if args.keep_outputs else [])
+                                  + (["--resume"] if args.resume else []), capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{method}: FAILED\n{proc.stderr[-3000:]}", flush=True)
                 continue
