@@ -209,7 +209,7 @@ def child(args) -> None:
     fts = [FinetunedOnTheFly(base, i + 1) if args.finetuned_on_the_fly else ShardedReader(root / f"ft{i}")
            for i in range(3)] if kind == "full" else []
     journal = partial_folder(out) / JOURNAL
-    resumed = len(journal.read_text().split()) if args.resume and journal.is_file() else 0
+    resumed = len(journal.read_text().split("\n")[:-1]) if args.resume and journal.is_file() else 0
     times, t0 = [], time.perf_counter()
     log = open(root / f"resume-{method}.log", "a") if args.resume else None  # a killed part's times survive
 
@@ -230,11 +230,25 @@ def child(args) -> None:
     if not args.keep_outputs:
         shutil.rmtree(out, ignore_errors=True)
     row = {"method": method, "wall_s": wall, "peak_rss_bytes": rss, "writes": times}
-    if args.resume:  # wall_s is this part only: add the parts' times for the whole merge
+    if args.resume:  # wall_s is this part only; earlier parts are counted to their last logged write
+        log.close()
         row["resumed_tensors"] = resumed
+        row["parts"] = earlier_parts(root / f"resume-{method}.log", started) + [[started, wall, len(times)]]
+        row["total_s_all_parts"] = sum(p[1] for p in row["parts"])
     if kind == "full" and args.finetuned_on_the_fly:  # included in wall_s: generation, not a disk read
         row["finetuned_generated_s"] = sum(ft.generate_s for ft in fts)
     print(json.dumps(row))
+
+
+def earlier_parts(log: Path, current: str) -> list:
+    """[[started, seconds to its last logged write, tensors written]] of the earlier parts in a resume log."""
+    parts: dict[str, list] = {}
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["part_started"] != current:
+            part = parts.setdefault(entry["part_started"], [entry["part_started"], 0.0, 0])
+            part[1], part[2] = max(part[1], entry["s"]), part[2] + 1
+    return sorted(parts.values())
 
 
 def extrapolate(result: dict, layers: int) -> float:
@@ -298,7 +312,8 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true",
                     help="resumable methods (tsv_m, task_arithmetic, …): build each output in ROOT/.out-METHOD.partial "
                          "and finish an interrupted one found there; each row's wall_s is then this part only, "
-                         "with resumed_tensors = the tensors an earlier part wrote")
+                         "with resumed_tensors = the tensors an earlier part wrote, parts = [started, seconds to "
+                         "the last logged write, tensors] from ROOT/resume-METHOD.log and total_s_all_parts")
     ap.add_argument("--tiny", action="store_true", help="smoke test: shrink every dimension")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -349,13 +364,16 @@ def main() -> None:
                 print(f"{method}: FAILED\n{proc.stderr[-3000:]}", flush=True)
                 continue
             res = json.loads(proc.stdout.strip().splitlines()[-1])
-            if not full:
+            if not full and not res.get("resumed_tensors"):  # a resumed part's writes cover part of the model
                 res["extrapolated_32_s"] = extrapolate(res, args.layers)
             rows.append(res)
             gen = res.get("finetuned_generated_s")
             print(f"{method}: {res['wall_s']:.1f}s, peak RSS {res['peak_rss_bytes'] / GiB:.2f} GiB"
                   + ("" if gen is None else f" (of which {gen:.1f}s generating the fine-tuned inputs)")
-                  + ("" if full else f" (extrapolated to 32 layers: {res['extrapolated_32_s'] / 60:.1f} min)"),
+                  + (f" (extrapolated to 32 layers: {res['extrapolated_32_s'] / 60:.1f} min)"
+                     if "extrapolated_32_s" in res else "")
+                  + (f"; {len(res['parts'])} parts: {res['total_s_all_parts']:.1f}s in all"
+                     if len(res.get("parts", [])) > 1 else ""),
                   flush=True)
         print(f"\n| method | inputs | measured wall ({args.layers} layers) | peak RSS | "
               f"wall, 32 layers |\n|---|---|---|---|---|")
@@ -368,6 +386,8 @@ def main() -> None:
                 kind = "3 full bf16 + base"
             est = (f"≈ {r['extrapolated_32_s'] / 60:.0f} min (extrapolated)" if "extrapolated_32_s" in r
                    else f"{r['wall_s'] / 60:.1f} min (measured)")
+            if len(r.get("parts", [])) > 1:
+                est = f"{r['total_s_all_parts'] / 60:.1f} min (measured, {len(r['parts'])} parts summed)"
             print(f"| {r['method']} | {kind} | {r['wall_s']:.0f} s | {r['peak_rss_bytes'] / GiB:.2f} GiB | {est} |")
         finetuned = ("generated on the fly from the base (FinetunedOnTheFly: seeded noise, not read from disk)"
                      if on_the_fly else "on disk")

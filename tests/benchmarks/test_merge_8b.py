@@ -144,3 +144,41 @@ def test_disk_needs_and_refusal(m8, tmp_path, monkeypatch, capsys):
     assert "\n" not in str(e.value)
     assert "OPCM's τ̄ spill (float32) 28.0 GiB = 55.9 GiB" in capsys.readouterr().out  # printed before anything
     assert not root.exists()
+
+
+def test_an_interrupted_method_resumes(tiny, tmp_path):
+    """A partial output left by a stopped merge is finished by ``--resume``: the parts' times are summed and
+    the result is the one a single run gives."""
+    from taskmerge.io.merge_writer import partial_folder, write_merged
+    from taskmerge.merging import get_method
+
+    m8, root = tiny, tmp_path / "root"
+    m8.build_model(root / "base", 2, 0, 0.0)
+    base = ShardedReader(root / "base")
+    fts = [m8.FinetunedOnTheFly(base, i + 1) for i in range(3)]
+    method, hp = get_method("tsv_m"), m8.METHODS["tsv_m"][1]
+    once = write_merged(method, base, fts, tmp_path / "once", hparams=hp, progress=False)[0]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_3(key, seen=[]):
+        seen.append(key)
+        if len(seen) == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        write_merged(method, base, fts, root / "out-tsv_m", hparams=hp, progress=False, on_write=stop_after_3,
+                     resume=True)
+    (root / "resume-tsv_m.log").write_text("".join(  # what the stopped part would have logged
+        json.dumps({"key": k, "s": 1.5 * (i + 1), "part_started": "2026-01-01T00:00:00"}) + "\n"
+        for i, k in enumerate((partial_folder(root / "out-tsv_m") / "taskmerge-written.txt").read_text().split())))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--tiny", "--layers", "2",
+                           "--finetuned-on-the-fly", "--methods", "tsv_m", "--keep-outputs", "--resume",
+                           "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["resumed_tensors"] == 3 and len(row["parts"]) == 2 and row["parts"][0][1:] == [4.5, 3]
+    assert row["total_s_all_parts"] == pytest.approx(4.5 + row["wall_s"])
+    assert len(row["writes"]) == len(list(base)) - 3 and "(measured, 2 parts summed)" in proc.stdout
+    merged, want = ShardedReader(root / "out-tsv_m"), ShardedReader(once)
+    assert all(torch.equal(merged[k], want[k]) for k in base)
