@@ -77,6 +77,8 @@ def test_interrupted_then_resumed_equals_one_run(tmp_path, name):
     with pytest.raises(Stop) as stopped:
         write_merged(method, lazy_base, lazy_fts, out, on_write=stop_after(3), resume=True, **kw)
     assert not out.exists() and partial_folder(out).is_dir()
+    (tmp_path / ".out.scratch").mkdir()  # as a killed run leaves it (no cleanup ran)
+    (tmp_path / ".out.scratch" / "0.f32").write_bytes(b"stale")
     journaled = (partial_folder(out) / JOURNAL).read_text().split()
     assert len(journaled) == 3 and journaled[-1] == str(stopped.value)
 
@@ -84,7 +86,7 @@ def test_interrupted_then_resumed_equals_one_run(tmp_path, name):
     write_merged(method, lazy_base, counted, out, resume=True, **kw)
     assert not set(journaled) & {k for c in counted for k in c.read}  # the finished keys are not recomputed
     assert files_of(out) == files_of(once)  # the same shards and index, byte for byte
-    assert not partial_folder(out).exists()
+    assert not partial_folder(out).exists() and not (tmp_path / ".out.scratch").exists()
     want = method(base, fts, **context)
     got = ShardedReader(out)
     assert all(torch.equal(got[k], want[k]) for k in base)

@@ -152,7 +152,8 @@ def write_merged(method: Method, pretrained: Mapping, finetuned: Sequence, outpu
     if done:
         log.info("%s: resuming, %d of %d tensors already written in %s", output, len(done), len(specs),
                  partial_folder(output))
-    scratch = Spill(parent=output.parent)
+    # a resumed merge's scratch has a fixed name, so a killed part leaves nothing behind once it is finished
+    scratch = Spill(folder=output.parent / f".{output.name}.scratch") if resume else Spill(parent=output.parent)
     artifacts: dict = {}
     ctx = {**(context or {}), "scratch": scratch, "chunk_numel": chunk_numel, "artifacts": artifacts}
     bar = tqdm(total=len(float_keys(inputs[0])), desc=f"merge[{method.name}]", unit="tensor",

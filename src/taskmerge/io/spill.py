@@ -18,8 +18,15 @@ import torch
 class Spill(MutableMapping):
     """``{name: float32 tensor}`` stored as raw files, read and written whole; ``close()`` removes them."""
 
-    def __init__(self, parent=None):
-        self.folder = Path(tempfile.mkdtemp(prefix="taskmerge-scratch-", dir=parent))
+    def __init__(self, parent=None, folder=None):
+        """A fresh temporary folder under ``parent``, or the fixed ``folder`` (emptied first: what a killed
+        run left there is no longer needed, as a resumed merge restarts the keys it was in)."""
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="taskmerge-scratch-", dir=parent))
+        else:
+            self.folder = Path(folder)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True)
         self._slots: dict[str, tuple[tuple[int, ...], int]] = {}
 
     def _path(self, name: str) -> Path:
