@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from taskmerge.merging import merge
-from taskmerge.merging.breadcrumbs import ascending_ranks, breadcrumbs_mask
+from taskmerge.merging.breadcrumbs import add_kept, ascending_ranks, breadcrumbs_mask
 from taskmerge.merging.primitives import trim_tasks
 
 
@@ -103,7 +103,29 @@ def test_tensor_scope_selection_equals_the_stable_sort(shape, values):
            "signs": torch.randint(-1, 2, shape, generator=g).float(), "zeros": -torch.zeros(shape)}[values]
     for density in (0.01, 0.15, 0.5, 0.9, 0.99):
         for gamma in (0.0, 0.006, 0.1, 0.3):
-            assert torch.equal(breadcrumbs_mask(tau, density, gamma), stable_sort_mask(tau, density, gamma))
+            want = stable_sort_mask(tau, density, gamma)
+            for chunk_rows in (None, 1, 2, 3):  # one chunk, and runs of boundary values cut across chunks
+                assert torch.equal(breadcrumbs_mask(tau, density, gamma, chunk_rows=chunk_rows), want)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_added_row_chunk_by_row_chunk_equals_the_whole_tensor(scope, dtype):
+    """add_kept recomputes τ per row chunk at every pass: the same bits as the whole-tensor arithmetic."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(37, 11, generator=g).to(dtype)
+    thetas = [(base.float() + torch.randint(-2, 3, (37, 11), generator=g) / 8).to(dtype) for _ in range(3)]
+    want = None
+    for theta in thetas:
+        tau = theta.float() - base.float()
+        kept = tau * breadcrumbs_mask(tau, 0.4, 0.05, scope)
+        want = kept if want is None else want + kept
+    for chunk_rows in (None, 1, 4, 36):
+        got = None
+        for theta in thetas:
+            got = add_kept(got, theta, base, 0.4, 0.05, scope, chunk_rows=chunk_rows)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert add_kept(None, torch.zeros(3, 0), torch.zeros(3, 0), 0.4, 0.05).shape == (3, 0)
 
 
 def test_masked_task_vectors_are_summed_like_a_stack():

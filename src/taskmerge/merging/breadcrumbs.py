@@ -21,7 +21,8 @@ is empty when top = int(γ·n) = 0: every tensor with γ·n < 1 (fewer than 100 
 top-k there, and the released mergekit 0.1.5 keeps ``sorted_indices[bottom:bottom + keep]``. We do
 the same by default; ``mergekit_empty_slice=True`` reproduces the git code's output.
 
-Arithmetic in float32 on ``device``; values come back in the input dtype.
+Arithmetic in float32 on ``device``; values come back in the input dtype. τ_t is never held whole:
+each pass of the selection recomputes its row chunks from θ_t and θ0 (:func:`add_kept`).
 """
 from __future__ import annotations
 
@@ -45,76 +46,127 @@ def ascending_ranks(rows: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _nth_true(mask: torch.Tensor, j: int) -> int:
-    """Flat (row-major) position of the j-th (0-based) True of a 2-D bool mask, via per-row counts
-    (a cumsum over every entry would be int64 per entry)."""
-    per_row = mask.sum(-1).cumsum(0)
-    row = int(torch.searchsorted(per_row, j, right=True))
-    before = int(per_row[row - 1]) if row > 0 else 0
-    return row * mask.shape[-1] + int(mask[row].nonzero()[j - before])
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """2-D row view (0-D and 1-D: one row): row chunks of it are contiguous runs of the flat order."""
+    return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() >= 2 else tensor.reshape(1, -1)
 
 
-def _equal_run(a: torch.Tensor, value: torch.Tensor, first: int, last: int) -> torch.Tensor:
-    """Entries of ``a`` equal to ``value`` that are the ``first``-th to ``last``-th such by position
-    (0-based, inclusive): where the stable sort puts equal values."""
-    eq = a == value
-    count = int(torch.count_nonzero(eq))  # (count_nonzero: a bool .sum() is several times slower)
-    start = _nth_true(eq, first) if first > 0 else 0
-    stop = _nth_true(eq, last) + 1 if last < count - 1 else a.numel()
-    flat = eq.view(-1)
-    flat[:start] = False
-    flat[stop:] = False
-    return eq
+def _counts(n: int, density: float, gamma: float) -> tuple[int, int, int]:
+    """(keep, top, bottom) of n entries (module docstring; the density wins over γ)."""
+    keep, top = int(density * n), int(gamma * n)
+    bottom = n - keep - top
+    return (keep, top + bottom, 0) if bottom < 0 else (keep, top, bottom)
 
 
-def middle_mask(tau: torch.Tensor, bottom: int, top: int) -> torch.Tensor:
-    """Entries of ``tau`` whose stable ascending |τ| rank over the whole tensor is in [bottom, n − top)
+def _window(eq: torch.Tensor, seen: int, first: int, last: int) -> torch.Tensor:
+    """Of the True entries of ``eq`` (a chunk; ``seen`` such entries in earlier chunks), those whose
+    0-based index among all of them, by position, is in [first, last]."""
+    count = int(torch.count_nonzero(eq))
+    if seen >= first and seen + count - 1 <= last:  # the whole run of this chunk is inside
+        return eq
+    if seen + count - 1 < first or seen > last:
+        return torch.zeros_like(eq)
+    index = eq.reshape(-1).cumsum(0).reshape(eq.shape) + (seen - 1)  # a chunk-sized int64, rarely needed
+    return eq & (index >= first) & (index <= last)
+
+
+def middle_masks(chunks, n: int, bottom: int, top: int):
+    """Yield, for each row chunk of τ from ``chunks()`` (re-iterable, in flat order, n entries in all), the
+    chunk and the mask of its entries whose stable ascending |τ| rank over the whole tensor is in [bottom, n − top)
     (not empty), without sorting: the two boundary values by TIES' exact radix selection
-    (``primitives.streamed_kthvalue_abs``), the entries strictly between them, and of the entries
-    equal to a boundary value those the stable sort ranks inside (by position)."""
-    n = tau.numel()
-    a = tau.detach().float().abs()
-    a = a.reshape(-1, a.shape[-1]) if a.dim() >= 2 else a.reshape(1, -1)  # rows: _nth_true counts per row
-    chunks = lambda: ((None, [c, c]) for c in a.split(max(1, 16 * BLOCK // a.shape[-1])))  # noqa: E731
-    lo, hi = streamed_kthvalue_abs(chunks, [bottom + 1, n - top])  # row chunks: the selection's temporaries stay small
-    below_lo, below_hi = int(torch.count_nonzero(a < lo)), int(torch.count_nonzero(a < hi))
-    if lo == hi:
-        keep = _equal_run(a, lo, bottom - below_lo, n - top - 1 - below_lo)
-    else:
+    (``primitives.streamed_kthvalue_abs``), the entries strictly between them, and of the entries equal
+    to a boundary value those the stable sort ranks inside (by position). Four passes over the chunks;
+    nothing of the whole tensor's size is allocated."""
+    lo, hi = streamed_kthvalue_abs(lambda: ((None, [c, c]) for c in chunks()), [bottom + 1, n - top])
+    below_lo = below_hi = 0
+    for c in chunks():
+        a = c.abs()
+        below_lo += int(torch.count_nonzero(a < lo))
+        below_hi += int(torch.count_nonzero(a < hi))
+    # (value, first, last): which of the entries equal to a boundary value are kept, by their order
+    windows = [(lo, bottom - below_lo, n - top - 1 - below_lo)] if lo == hi else \
+        [(lo, bottom - below_lo, n), (hi, 0, n - top - 1 - below_hi)]
+    seen = [0] * len(windows)
+    for c in chunks():
+        a = c.abs()
         keep = (a > lo) & (a < hi)
-        keep |= _equal_run(a, lo, bottom - below_lo, n)
-        keep |= _equal_run(a, hi, 0, n - top - 1 - below_hi)
-    return keep.reshape(tau.shape)
+        for i, (value, first, last) in enumerate(windows):
+            eq = a == value
+            keep |= _window(eq, seen[i], first, last)
+            seen[i] += int(torch.count_nonzero(eq))
+        yield c, keep
 
 
-def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: str = "tensor",
-                     mergekit_empty_slice: bool = False) -> torch.Tensor:
-    """Boolean mask of the entries of ``tau`` that Breadcrumbs keeps (module docstring).
+def breadcrumbs_masks(chunks, n: int, row_len: int, density: float, gamma: float, scope: str = "tensor",
+                      mergekit_empty_slice: bool = False):
+    """Yield each row chunk of one τ of ``n`` entries in rows of ``row_len`` with its kept-entries mask
+    (module docstring); ``chunks()`` gives the chunks in order, and again for each pass the selection needs.
 
-    ``scope="tensor"`` selects by :func:`middle_mask` (a full sort of a [128256, 4096] embedding took
-    minutes); ``"row"`` sorts each row (short rows: the sort is cheap). Both are the stable order.
+    ``scope="tensor"`` selects by :func:`middle_masks` (a full sort of a [128256, 4096] embedding took
+    minutes); ``"row"`` sorts each row of a chunk (short rows: the sort is cheap). Both are the stable order.
     """
     if scope not in ("tensor", "row"):
         raise ValueError(f"breadcrumbs: scope={scope!r}: choose tensor or row")
-    if density >= 1 or tau.numel() == 0:
-        return torch.ones_like(tau, dtype=torch.bool)
-    rows = tau.reshape(1, -1) if scope == "tensor" or tau.dim() == 0 else tau.reshape(-1, tau.shape[-1])
-    n = rows.shape[-1]
-    keep, top = int(density * n), int(gamma * n)
-    bottom = n - keep - top
-    if bottom < 0:
-        top, bottom = top + bottom, 0
+    keep, top, bottom = _counts(n if scope == "tensor" else row_len, density, gamma)
+    if density >= 1 or n == 0:
+        return ((c, torch.ones_like(c, dtype=torch.bool)) for c in chunks())
     if (top == 0 and mergekit_empty_slice) or keep == 0:
-        return torch.zeros_like(tau, dtype=torch.bool)
+        return ((c, torch.zeros_like(c, dtype=torch.bool)) for c in chunks())
     if scope == "tensor":
-        return middle_mask(tau, bottom, top)
-    ranks = ascending_ranks(rows)
-    return ((ranks >= bottom) & (ranks < n - top)).reshape(tau.shape)
+        return middle_masks(chunks, n, bottom, top)
+    return ((c, _rank_window(ascending_ranks(c), bottom, row_len - top)) for c in chunks())
+
+
+def _rank_window(ranks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return (ranks >= start) & (ranks < stop)
+
+
+def _chunk_rows(row_len: int) -> int:
+    return max(1, 16 * BLOCK // row_len)
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float, scope: str = "tensor",
+                     mergekit_empty_slice: bool = False, chunk_rows: int | None = None) -> torch.Tensor:
+    """Boolean mask of the entries of ``tau`` that Breadcrumbs keeps (:func:`breadcrumbs_masks` over
+    row chunks of ``chunk_rows`` rows of ``tau``)."""
+    if tau.numel() == 0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    rows = _rows(tau)
+    step = chunk_rows or _chunk_rows(rows.shape[-1])
+    pairs = breadcrumbs_masks(lambda: rows.split(step), tau.numel(), rows.shape[-1], density, gamma, scope,
+                              mergekit_empty_slice)
+    return torch.cat([mask for _, mask in pairs]).reshape(tau.shape)
+
+
+def add_kept(total: torch.Tensor | None, theta: torch.Tensor, base: torch.Tensor, density: float, gamma: float,
+             scope: str = "tensor", mergekit_empty_slice: bool = False, chunk_rows: int | None = None
+             ) -> torch.Tensor:
+    """``total + τ ⊙ m`` (``total`` None: a new float32 tensor ``τ ⊙ m``) for τ = θ − θ0 in float32, row
+    chunk by row chunk: τ is recomputed from θ and θ0 at each of the selection's passes instead of held
+    (no float32 τ, |τ| or mask of the whole tensor; bit-identical to the whole-tensor arithmetic)."""
+    first = total is None
+    if first:
+        total = torch.empty(theta.shape, dtype=torch.float32, device=theta.device)
+    if theta.numel() == 0:
+        return total
+    th, b, out = _rows(theta), _rows(base), _rows(total)
+    step = chunk_rows or _chunk_rows(th.shape[-1])
+    starts = range(0, th.shape[0], step)
+    tau = lambda s: torch.sub(upcastable(th[s:s + step]), b[s:s + step].float())  # noqa: E731
+    pairs = breadcrumbs_masks(lambda: (tau(s) for s in starts), theta.numel(), th.shape[-1], density, gamma,
+                              scope, mergekit_empty_slice)
+    for s, (chunk, mask) in zip(starts, pairs):
+        kept = chunk.mul_(mask)  # the chunk the selection's last pass computed, reused
+        if first:
+            out[s:s + step] = kept
+        else:
+            out[s:s + step].add_(kept)
+    return total
 
 
 @register("breadcrumbs", key_local=True, linear_in="scaling",
-          memory="one key of θ0, one task's τ and the running sum (an exact selection per task; scope=row: a sort per "
-                 "row); nothing across the model")
+          memory="one key of θ0 and of one θ_t in their dtype, the float32 running sum, and row-chunk temporaries "
+                 "(τ is recomputed per chunk at each of the exact selection's passes); nothing across the model")
 def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
                 density: Fraction = 0.15,
                 gamma: Fraction = 0.006,
@@ -143,10 +195,9 @@ def breadcrumbs(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     mergekit's and ours keep ``keep`` entries.
     """
     for key in float_keys(pretrained):
-        base = read(pretrained, key).to(device=device, dtype=torch.float32)
-        total = None  # Σ_t τ_t ⊙ m_t accumulated in task order (as a stack's sum), one τ_t read at a time
+        base = read(pretrained, key).to(device=device)  # in its dtype: upcast per row chunk
+        total = None  # Σ_t τ_t ⊙ m_t accumulated in task order (as a stack's sum), one θ_t read at a time
         for sd in finetuned:
-            tau = torch.sub(upcastable(read(sd, key).to(device=base.device)), base)
-            kept = tau.mul_(breadcrumbs_mask(tau, density, gamma, scope, mergekit_empty_slice))
-            total = kept if total is None else total.add_(kept)
+            total = add_kept(total, read(sd, key).to(device=base.device), base, density, gamma, scope,
+                             mergekit_empty_slice)
         yield key, Update(total, scaling, owned=True)
