@@ -38,7 +38,7 @@ from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import float_keys, read, shape_of
+from taskmerge.merging.inputs import BLOCK, float_keys, read, shape_of, upcastable
 from taskmerge.merging.lowrank_svd import full_top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
@@ -79,12 +79,16 @@ def project_update(tau_bar: torch.Tensor, tau: torch.Tensor, alpha: float, zero_
 
 def tau_of(sd: StateDict, pretrained: StateDict, key: str, device) -> torch.Tensor:
     """τ = θ − θ0 for one key, float32 on ``device``."""
-    return read(sd, key).to(device=device, dtype=torch.float32) - read(pretrained, key).to(device=device,
-                                                                                            dtype=torch.float32)
+    theta = upcastable(read(sd, key).to(device=device))  # upcast inside the subtraction: no float32 copy of θ
+    base = read(pretrained, key).to(device=device, dtype=torch.float32, copy=True)  # fresh: written into below
+    return torch.sub(theta, base, out=base)  # θ − θ0 in θ0's float32 copy: one key-sized float32 buffer
 
 
 def sq_norm(t: torch.Tensor) -> float:
-    return float(t.double().pow(2).sum())
+    """‖t‖² in float64, block by block: a float32 square is exact in float64, and no float64 copy of a
+    large key (an 8B model's embedding: 4.2 GB) is made."""
+    flat = t.reshape(-1)
+    return sum(float(b.double().pow_(2).sum()) for b in flat.split(BLOCK)) if flat.numel() else 0.0
 
 
 def first_view(pretrained: StateDict, finetuned0: StateDict):
