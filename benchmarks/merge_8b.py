@@ -195,9 +195,8 @@ def build_adapter(folder: Path, layers: int, seed: int, r: int = 16) -> None:
 def child(args) -> None:
     """Run one method; print one JSON line with wall time, peak RSS and per-tensor write times."""
     from taskmerge.io.peft import load_lora_factors
-    from taskmerge.io.sharded import ShardedReader
     from taskmerge.io.merge_writer import partial_folder, write_merged
-    from taskmerge.io.sharded import JOURNAL
+    from taskmerge.io.sharded import ShardedReader, journaled
     from taskmerge.merging import get_method
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -208,8 +207,7 @@ def child(args) -> None:
     base = ShardedReader(root / "base")
     fts = [FinetunedOnTheFly(base, i + 1) if args.finetuned_on_the_fly else ShardedReader(root / f"ft{i}")
            for i in range(3)] if kind == "full" else []
-    journal = partial_folder(out) / JOURNAL
-    resumed = len(journal.read_text().split("\n")[:-1]) if args.resume and journal.is_file() else 0
+    resumed = len(journaled(partial_folder(out))) if args.resume else 0
     times, t0 = [], time.perf_counter()
     log = open(root / f"resume-{method}.log", "a") if args.resume else None  # a killed part's times survive
 

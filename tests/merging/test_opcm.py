@@ -174,3 +174,65 @@ def test_opcm_order_matters():
     pre, fts = make_models(3)
     a, b = merge("opcm", pre, fts), merge("opcm", pre, fts[::-1])
     assert not torch.allclose(a["fc.weight"], b["fc.weight"])
+
+
+class Recording(dict):
+    """A scratch that remembers the largest tensor it was given for each tensor name."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = {}
+
+    def __setitem__(self, item, tensor):
+        key = getattr(item, "key", item)
+        self.largest[key] = max(self.largest.get(key, 0), tensor.numel())
+        super().__setitem__(item, tensor)
+
+
+def chunk_models(dtype):
+    g = torch.Generator().manual_seed(7)
+    pre = {"emb.weight": torch.randn(37, 6, generator=g), "fc.weight": torch.randn(9, 6, generator=g),
+           "fc.bias": torch.randn(9, generator=g), "ln.weight": torch.ones(6)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in pre.items()} for _ in range(3)]
+    cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
+    return cast(pre), [cast(f) for f in fts]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,hp", [("opcm", {}), ("opcm", {"zero_diagonal": False, "alpha": 0.8}),
+                                     ("continual_task_arithmetic", {}), ("continual_average", {})])
+def test_streamed_row_chunks_equal_whole_keys(name, hp, dtype):
+    """Streamed (chunk_numel), the element-wise keys are carried in row chunks: every step's values are the
+    whole-key ones, and no whole float32 τ̄ of a chunked key is ever held. The SVD-projected matrix stays whole."""
+    pre, fts = chunk_models(dtype)
+    kinds = {"emb.weight": "embedding", "fc.weight": "linear"}
+    whole = list(get_method(name).steps(pre, fts, hp, kinds=kinds))
+    scratch = Recording()
+    chunked = list(get_method(name).steps(pre, fts, hp, kinds=kinds, chunk_numel=24, scratch=scratch))
+    assert len(whole) == len(chunked) == 3
+    for a, b in zip(whole, chunked):
+        for k in pre:
+            assert a[k].dtype == b[k].dtype == dtype
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=0) if dtype == torch.float32 else \
+                torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-2, atol=0)
+    assert scratch.largest["emb.weight"] == 4 * 6  # 4 rows of 6 = 24 elements, not 37 × 6
+    assert scratch.largest["fc.bias"] == 9  # 1-D tensors have rows of one element: chunks of 9 ≤ 24 → whole
+    if name == "opcm":
+        assert scratch.largest["fc.weight"] == 9 * 6  # the projected matrix: its SVD needs all of it
+    else:
+        assert scratch.largest["fc.weight"] == 4 * 6
+
+
+def test_opcm_streamed_to_disk_in_row_chunks_equals_in_memory(tmp_path):
+    """write_merged (the CLI's path) passes chunk_numel: the row-chunked, spilled τ̄ gives the in-memory merge."""
+    from taskmerge.io.merge_writer import write_merged
+    from taskmerge.io.sharded import ShardedReader
+    from taskmerge.merging.inputs import float_keys
+    pre, fts = chunk_models(torch.float32)
+    kinds = {"emb.weight": "embedding", "fc.weight": "linear"}
+    out = write_merged(get_method("opcm"), pre, fts, tmp_path / "out", context={"kinds": kinds}, chunk_numel=24,
+                       progress=False)
+    merged = ShardedReader(out[0])
+    expect = merge("opcm", pre, fts, kinds=kinds)
+    for k in float_keys(pre):
+        torch.testing.assert_close(merged[k], expect[k], rtol=1e-6, atol=0)

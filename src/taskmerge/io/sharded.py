@@ -158,6 +158,13 @@ def _numel(shape) -> int:
     return n
 
 
+def journaled(partial) -> list[str]:
+    """The tensors a partial folder's journal records as durably written (a torn last line, from a kill
+    while journaling, is not counted)."""
+    path = Path(partial) / JOURNAL
+    return path.read_text().split("\n")[:-1] if path.is_file() else []
+
+
 class ShardedWriter:
     """Write a sharded safetensors checkpoint tensor by tensor, in any order, with bounded memory.
 
@@ -233,11 +240,9 @@ class ShardedWriter:
         self._synced_at = time.monotonic()
         self.resumed: frozenset[str] = frozenset()
         if reopen:
-            journal = (self.tmp / JOURNAL).read_text() if (self.tmp / JOURNAL).is_file() else ""
-            if not journal.endswith("\n") and journal:  # a line torn by a kill: dropped, so appends stay whole
-                journal = journal[:journal.rfind("\n") + 1]
-                (self.tmp / JOURNAL).write_text(journal)
-            written = journal.split("\n")[:-1]
+            written = journaled(self.tmp)
+            if (self.tmp / JOURNAL).is_file():  # rewritten whole: a line torn by a kill is dropped, appends stay whole
+                (self.tmp / JOURNAL).write_text("".join(k + "\n" for k in written))
             self.resumed = frozenset(k for k in written if k in self._slots)
             self._pending -= self.resumed
         elif self.partial:

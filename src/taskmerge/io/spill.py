@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import MutableMapping
+from collections.abc import Hashable, MutableMapping
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,8 @@ import torch
 
 
 class Spill(MutableMapping):
-    """``{name: float32 tensor}`` stored as raw files, read and written whole; ``close()`` removes them."""
+    """``{name: float32 tensor}`` stored as raw files, read and written whole; ``close()`` removes them.
+    A name is any hashable (a key, or a row ``Part`` of one)."""
 
     def __init__(self, parent=None, folder=None):
         """A fresh temporary folder under ``parent``, or the fixed ``folder`` (emptied first: what a killed
@@ -27,22 +28,22 @@ class Spill(MutableMapping):
             self.folder = Path(folder)
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder.mkdir(parents=True)
-        self._slots: dict[str, tuple[tuple[int, ...], int]] = {}
+        self._slots: dict[Hashable, tuple[tuple[int, ...], int]] = {}
 
-    def _path(self, name: str) -> Path:
+    def _path(self, name: Hashable) -> Path:
         return self.folder / f"{self._slots[name][1]}.f32"
 
-    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+    def __setitem__(self, name: Hashable, tensor: torch.Tensor) -> None:
         if name not in self._slots:
             self._slots[name] = (tuple(tensor.shape), len(self._slots))
         self._slots[name] = (tuple(tensor.shape), self._slots[name][1])
         tensor.detach().to("cpu", torch.float32).contiguous().numpy().tofile(self._path(name))
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def __getitem__(self, name: Hashable) -> torch.Tensor:
         shape, _ = self._slots[name]
         return torch.from_numpy(np.fromfile(self._path(name), dtype=np.float32)).reshape(shape)
 
-    def __delitem__(self, name: str) -> None:
+    def __delitem__(self, name: Hashable) -> None:
         self._path(name).unlink(missing_ok=True)
         del self._slots[name]
 

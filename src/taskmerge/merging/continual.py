@@ -10,14 +10,15 @@ the merge is the last view). τ_t = θ_t − θ0 and
 - ``continual_ties``: τ̄_1 = c·τ_1; τ̄_t = τ̄_{t−1} + c·TIES([τ̄_{t−1}; τ_t]) with TIES's trim
   global per row (over every floating tensor), sign election and disjoint merge.
 
-Float32 arithmetic, input dtype out; τ̄ lives in ``scratch`` (memory, or disk when streaming).
+Float32 arithmetic, input dtype out; τ̄ lives in ``scratch`` (memory, or disk when streaming). The
+element-wise ones (task arithmetic, average) carry τ̄ in row chunks of ``chunk_numel`` when streamed.
 """
 from __future__ import annotations
 
 from typing import Annotated, Literal, Sequence
 
 from taskmerge.merging.inputs import float_keys, numel_of
-from taskmerge.merging.opcm import first_view, scratch_view, tau_of
+from taskmerge.merging.opcm import carried_items, first_view, scratch_view, tau_of
 from taskmerge.merging.primitives import cached_stream
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.ties import ties_stream
@@ -27,35 +28,36 @@ CARRIES = "τ̄ in float32 (4 bytes per parameter, in `scratch`: memory or disk)
 
 @register("continual_task_arithmetic", linear_in="scaling", sequential=True, memory=CARRIES)
 def continual_task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDict], *,
-                              scaling: float = 0.3, device=None, scratch=None):
+                              scaling: float = 0.3, device=None, scratch=None, chunk_numel=None):
     """Continual Task Arithmetic: τ̄_t = τ̄_{t−1} + τ_t, θ_t = θ0 + c·τ̄_t (after T steps: Task Arithmetic).
 
     Hyperparameters:
         scaling (c, default 0.3): the OPCM paper sweeps c ∈ {0.1, …, 1.0}.
     """
-    keys = float_keys(pretrained)
+    items = carried_items(pretrained, float_keys(pretrained), chunk_numel)
     total = {} if scratch is None else scratch
     for step, sd in enumerate(finetuned):
-        for k in keys:
-            tau = tau_of(sd, pretrained, k, device)
-            total[k] = tau if step == 0 else total[k].to(device) + tau
-        yield scratch_view(keys, total, scaling)
+        for item in items:
+            tau = tau_of(sd, pretrained, item, device)
+            total[item] = tau if step == 0 else total[item].to(device) + tau
+        yield scratch_view(items, total, scaling)
 
 
 @register("continual_average", sequential=True, memory=CARRIES)
-def continual_average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=None, scratch=None):
+def continual_average(pretrained: StateDict, finetuned: Sequence[StateDict], *, device=None, scratch=None,
+                      chunk_numel=None):
     """Continual weight averaging: the running mean θ̄_t = θ̄_{t−1} + (θ_t − θ̄_{t−1})/t (θ̄_1 = θ_1),
     kept as τ̄. No hyperparameters."""
-    keys = float_keys(pretrained)
+    items = carried_items(pretrained, float_keys(pretrained), chunk_numel)
     tau_bar = {} if scratch is None else scratch
-    for k in keys:
-        tau_bar[k] = tau_of(finetuned[0], pretrained, k, device)
-    yield first_view(pretrained, finetuned[0])
+    for item in items:
+        tau_bar[item] = tau_of(finetuned[0], pretrained, item, device)
+    yield first_view(items, finetuned[0])
     for t, sd in enumerate(finetuned[1:], start=2):
-        for k in keys:
-            bar = tau_bar[k].to(device)
-            tau_bar[k] = bar + (tau_of(sd, pretrained, k, device) - bar) / t
-        yield scratch_view(keys, tau_bar)
+        for item in items:
+            bar = tau_bar[item].to(device)
+            tau_bar[item] = bar + (tau_of(sd, pretrained, item, device) - bar) / t
+        yield scratch_view(items, tau_bar)
 
 
 @register("continual_ties", sequential=True,

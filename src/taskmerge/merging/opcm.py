@@ -29,6 +29,10 @@ Notes on fidelity:
 - Official merges ``named_parameters`` only; we merge every floating tensor (float buffers
   included). Integer buffers are copied from θ0.
 - Norms are accumulated in float64 per tensor; the SVD and updates run in float32.
+- Streamed (``chunk_numel`` given, as ``taskmerge merge`` does), every tensor whose update is
+  element-wise (all but the SVD-projected linear weights: embeddings, norms, biases) is carried in row
+  chunks, so an 8B model's [128256, 4096] embedding never has a whole float32 copy in memory. The
+  values are those of whole tensors; only the float64 norm sums are associated differently.
 - Degenerate guards (not in official, which would produce NaN): a zero τ̄ gives r = 0; a zero
   global norm skips the rescale.
 """
@@ -38,7 +42,7 @@ from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import BLOCK, float_keys, read, shape_of, upcastable
+from taskmerge.merging.inputs import BLOCK, float_keys, key_of, parts, read, shape_of, upcastable
 from taskmerge.merging.lowrank_svd import full_top_svd
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import Range, StateDict, register
@@ -77,11 +81,17 @@ def project_update(tau_bar: torch.Tensor, tau: torch.Tensor, alpha: float, zero_
     return out
 
 
-def tau_of(sd: StateDict, pretrained: StateDict, key: str, device) -> torch.Tensor:
-    """τ = θ − θ0 for one key, float32 on ``device``."""
-    theta = upcastable(read(sd, key).to(device=device))  # upcast inside the subtraction: no float32 copy of θ
-    base = read(pretrained, key).to(device=device, dtype=torch.float32, copy=True)  # fresh: written into below
+def tau_of(sd: StateDict, pretrained: StateDict, item, device) -> torch.Tensor:
+    """τ = θ − θ0 for one key (or row :class:`~taskmerge.merging.inputs.Part`), float32 on ``device``."""
+    theta = upcastable(read(sd, item).to(device=device))  # upcast inside the subtraction: no float32 copy of θ
+    base = read(pretrained, item).to(device=device, dtype=torch.float32, copy=True)  # fresh: written into below
     return torch.sub(theta, base, out=base)  # θ − θ0 in θ0's float32 copy: one key-sized float32 buffer
+
+
+def carried_items(pretrained: StateDict, keys, chunk_numel: int | None, whole=frozenset()) -> list:
+    """What a continual method carries τ̄ for: the ``whole`` keys (its matrix-wise updates) as they are,
+    every other key in row chunks of ≤ ``chunk_numel`` elements (element-wise updates; None: whole)."""
+    return [item for k in keys for item in ([k] if k in whole else parts(pretrained, [k], chunk_numel))]
 
 
 def sq_norm(t: torch.Tensor) -> float:
@@ -91,9 +101,9 @@ def sq_norm(t: torch.Tensor) -> float:
     return sum(float(b.double().pow_(2).sum()) for b in flat.split(BLOCK)) if flat.numel() else 0.0
 
 
-def first_view(pretrained: StateDict, finetuned0: StateDict):
-    """The first step of every continual method: θ_1 exactly."""
-    return _View(lambda: ((k, read(finetuned0, k).clone()) for k in float_keys(pretrained)))
+def first_view(items, finetuned0: StateDict):
+    """The first step of every continual method: θ_1 exactly (keys or row chunks ``items``)."""
+    return _View(lambda: ((item, read(finetuned0, item).clone()) for item in items))
 
 
 class _View:
@@ -106,9 +116,9 @@ class _View:
         return iter(self.produce())
 
 
-def scratch_view(keys, scratch, scale: float = 1.0) -> _View:
-    """θ0 + scale·τ̄ for every key, τ̄ read from ``scratch``."""
-    return _View(lambda: ((k, Update(scratch[k], scale)) for k in keys))
+def scratch_view(items, scratch, scale: float = 1.0) -> _View:
+    """θ0 + scale·τ̄ for every key or row chunk, τ̄ read from ``scratch``."""
+    return _View(lambda: ((item, Update(scratch[item], scale)) for item in items))
 
 
 @register("opcm", sequential=True, memory=CARRIES_TAU_BAR)
@@ -116,7 +126,7 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
          alpha: Annotated[float, Range(0.0, 1.0)] = 0.5,
          zero_diagonal: bool = True,
          official_class_embedding: bool = False,
-         kinds=None, device=None, scratch=None):
+         kinds=None, device=None, scratch=None, chunk_numel=None):
     """OPCM (Tang et al., 2025; equations in the module docstring): one step view per task, the merge is the last.
 
     Hyperparameters:
@@ -128,38 +138,40 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         official_class_embedding (default False): True keeps ``*class_embedding`` at the first
             model's value (only rescaled), as the official leaf-module loop does.
 
-    τ̄ lives in ``scratch`` (a dict in memory; float32 files when streaming), one key at a time in
-    memory; each step is one pass over the model, with the global rescale of the previous step
-    folded into the next pass.
+    τ̄ lives in ``scratch`` (a dict in memory; float32 files when streaming), one key (or row chunk of
+    an element-wise key) at a time in memory; each step is one pass over the model, with the global
+    rescale of the previous step folded into the next pass.
     """
     keys = float_keys(pretrained)
     tau_bar = {} if scratch is None else scratch
-    matrix = {k: is_matrix(k, torch.empty(shape_of(pretrained, k), device="meta"), kinds) for k in keys}
+    matrices = {k for k in keys if is_matrix(k, torch.empty(shape_of(pretrained, k), device="meta"), kinds)}
+    items = carried_items(pretrained, keys, chunk_numel, whole=matrices)
     sq = 0.0
-    for k in keys:
-        tau_bar[k] = t = tau_of(finetuned[0], pretrained, k, device)
+    for item in items:
+        tau_bar[item] = t = tau_of(finetuned[0], pretrained, item, device)
         sq += sq_norm(t)
     norms, lam_prev, rescale = [sq ** 0.5], 1.0, 1.0
-    yield first_view(pretrained, finetuned[0])
+    yield first_view(items, finetuned[0])
     for sd in finetuned[1:]:
         sq_tau, sq_new = 0.0, 0.0
-        for k in keys:
-            tau = tau_of(sd, pretrained, k, device)
+        for item in items:
+            tau = tau_of(sd, pretrained, item, device)
             sq_tau += sq_norm(tau)
-            bar = tau_bar[k].to(device)
+            bar = tau_bar[item].to(device)
             if rescale != 1.0:
                 bar = bar * rescale  # the previous step's global rescale, applied as τ̄ is read
-            if official_class_embedding and k.endswith("class_embedding"):
+            if official_class_embedding and key_of(item).endswith("class_embedding"):
                 new = bar
-            elif matrix[k]:
+            elif item in matrices:
                 new = lam_prev * bar + project_update(bar, tau, alpha, zero_diagonal)
             else:
                 new = lam_prev * bar + tau
-            tau_bar[k] = new
+            tau_bar[item] = new
             sq_new += sq_norm(new)
             del tau, bar, new
         norms.append(sq_tau ** 0.5)
         avg, n = sum(norms) / len(norms), sq_new ** 0.5
         lam_prev = n / avg if avg > 0 else 1.0
         rescale = avg / n if n > 0 else 1.0
-        yield _View(lambda r=rescale: ((k, Update(tau_bar[k] * r if r != 1.0 else tau_bar[k], 1.0)) for k in keys))
+        yield _View(lambda r=rescale: ((item, Update(tau_bar[item] * r if r != 1.0 else tau_bar[item], 1.0))
+                                       for item in items))
