@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Sequence
 
-from taskmerge.merging.inputs import float_keys, numel_of
-from taskmerge.merging.opcm import carried_items, first_view, scratch_view, tau_of
+from taskmerge.merging.inputs import float_keys, numel_of, walk
+from taskmerge.merging.opcm import first_view, scratch_view, tau_of
 from taskmerge.merging.primitives import cached_stream
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.ties import ties_stream
 
-CARRIES = "τ̄ in float32 (4 bytes per parameter, in `scratch`: memory or disk), plus one key of θ0 and the task"
+CARRIES = ("τ̄ in float32 (4 bytes per parameter, in `scratch`: memory or disk), plus one key of θ0 and the task "
+           "(streamed task arithmetic and average: a row chunk)")
 
 
 @register("continual_task_arithmetic", linear_in="scaling", sequential=True, memory=CARRIES)
@@ -34,7 +35,7 @@ def continual_task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDi
     Hyperparameters:
         scaling (c, default 0.3): the OPCM paper sweeps c ∈ {0.1, …, 1.0}.
     """
-    items = carried_items(pretrained, float_keys(pretrained), chunk_numel)
+    items = list(walk(pretrained, chunk_numel))
     total = {} if scratch is None else scratch
     for step, sd in enumerate(finetuned):
         for item in items:
@@ -48,7 +49,7 @@ def continual_average(pretrained: StateDict, finetuned: Sequence[StateDict], *, 
                       chunk_numel=None):
     """Continual weight averaging: the running mean θ̄_t = θ̄_{t−1} + (θ_t − θ̄_{t−1})/t (θ̄_1 = θ_1),
     kept as τ̄. No hyperparameters."""
-    items = carried_items(pretrained, float_keys(pretrained), chunk_numel)
+    items = list(walk(pretrained, chunk_numel))
     tau_bar = {} if scratch is None else scratch
     for item in items:
         tau_bar[item] = tau_of(finetuned[0], pretrained, item, device)

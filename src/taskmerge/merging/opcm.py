@@ -49,7 +49,7 @@ from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.selection import is_matrix
 
 CARRIES_TAU_BAR = ("τ̄ in float32 (4 bytes per parameter, in `scratch`: memory, or disk when streaming), "
-                   "plus one key of θ0 and of the current task")
+                   "plus one key of θ0 and of the current task (streamed: a row chunk of the element-wise keys)")
 
 
 def crossing_rank(s: torch.Tensor, alpha: float) -> int:
@@ -87,11 +87,6 @@ def tau_of(sd: StateDict, pretrained: StateDict, item, device) -> torch.Tensor:
     base = read(pretrained, item).to(device=device, dtype=torch.float32, copy=True)  # fresh: written into below
     return torch.sub(theta, base, out=base)  # θ − θ0 in θ0's float32 copy: one key-sized float32 buffer
 
-
-def carried_items(pretrained: StateDict, keys, chunk_numel: int | None, whole=frozenset()) -> list:
-    """What a continual method carries τ̄ for: the ``whole`` keys (its matrix-wise updates) as they are,
-    every other key in row chunks of ≤ ``chunk_numel`` elements (element-wise updates; None: whole)."""
-    return [item for k in keys for item in ([k] if k in whole else parts(pretrained, [k], chunk_numel))]
 
 
 def sq_norm(t: torch.Tensor) -> float:
@@ -145,7 +140,8 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     keys = float_keys(pretrained)
     tau_bar = {} if scratch is None else scratch
     matrices = {k for k in keys if is_matrix(k, torch.empty(shape_of(pretrained, k), device="meta"), kinds)}
-    items = carried_items(pretrained, keys, chunk_numel, whole=matrices)
+    # the projected matrices whole (their SVD needs all of τ̄), the element-wise rest in row chunks
+    items = [item for k in keys for item in ([k] if k in matrices else parts(pretrained, [k], chunk_numel))]
     sq = 0.0
     for item in items:
         tau_bar[item] = t = tau_of(finetuned[0], pretrained, item, device)
