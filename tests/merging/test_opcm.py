@@ -236,3 +236,18 @@ def test_opcm_streamed_to_disk_in_row_chunks_equals_in_memory(tmp_path):
     expect = merge("opcm", pre, fts, kinds=kinds)
     for k in float_keys(pre):
         torch.testing.assert_close(merged[k], expect[k], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["opcm", "continual_task_arithmetic", "continual_average"])
+def test_step_progress_bars_on_large_models_only(name, capsys):
+    """Each step's pass has a progress bar (OPCM's steps run for an hour at 8B before anything is written);
+    models with fewer than 50 tensors show none."""
+    g = torch.Generator().manual_seed(0)
+    pre = {f"layer{i}.weight": torch.randn(3, 2, generator=g) for i in range(60)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    merge(name, pre, fts)
+    err = capsys.readouterr().err
+    assert all(f"{name}: step {s}/3" in err for s in (1, 2, 3))
+    small = {k: pre[k] for k in list(pre)[:10]}
+    merge(name, small, [{k: f[k] for k in small} for f in fts])
+    assert "step" not in capsys.readouterr().err

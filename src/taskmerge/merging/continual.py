@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Literal, Sequence
 
 from taskmerge.merging.inputs import float_keys, numel_of, walk
-from taskmerge.merging.opcm import first_view, scratch_view, tau_of
+from taskmerge.merging.opcm import first_view, scratch_view, step_bar, tau_of
 from taskmerge.merging.primitives import cached_stream
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.merging.ties import ties_stream
@@ -38,7 +38,7 @@ def continual_task_arithmetic(pretrained: StateDict, finetuned: Sequence[StateDi
     items = list(walk(pretrained, chunk_numel))
     total = {} if scratch is None else scratch
     for step, sd in enumerate(finetuned):
-        for item in items:
+        for item in step_bar(items, "continual_task_arithmetic", step + 1, len(finetuned)):
             tau = tau_of(sd, pretrained, item, device)
             total[item] = tau if step == 0 else total[item].to(device) + tau
         yield scratch_view(items, total, scaling)
@@ -51,11 +51,11 @@ def continual_average(pretrained: StateDict, finetuned: Sequence[StateDict], *, 
     kept as τ̄. No hyperparameters."""
     items = list(walk(pretrained, chunk_numel))
     tau_bar = {} if scratch is None else scratch
-    for item in items:
+    for item in step_bar(items, "continual_average", 1, len(finetuned)):
         tau_bar[item] = tau_of(finetuned[0], pretrained, item, device)
     yield first_view(items, finetuned[0])
     for t, sd in enumerate(finetuned[1:], start=2):
-        for item in items:
+        for item in step_bar(items, "continual_average", t, len(finetuned)):
             bar = tau_bar[item].to(device)
             tau_bar[item] = bar + (tau_of(sd, pretrained, item, device) - bar) / t
         yield scratch_view(items, tau_bar)

@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import Annotated, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from taskmerge.merging.inputs import BLOCK, float_keys, key_of, parts, read, shape_of, upcastable
 from taskmerge.merging.lowrank_svd import full_top_svd
@@ -96,6 +97,12 @@ def sq_norm(t: torch.Tensor) -> float:
     return sum(float(b.double().pow_(2).sum()) for b in flat.split(BLOCK)) if flat.numel() else 0.0
 
 
+def step_bar(items, name: str, step: int, steps: int):
+    """``items`` with a progress bar for one step's pass (a step of OPCM at 8B takes an hour before the first
+    merged tensor exists); off for small models, as the other methods' pre-pass bars."""
+    return tqdm(items, desc=f"{name}: step {step}/{steps}", unit="tensor", leave=False, disable=len(items) < 50)
+
+
 def first_view(items, finetuned0: StateDict):
     """The first step of every continual method: θ_1 exactly (keys or row chunks ``items``)."""
     return _View(lambda: ((item, read(finetuned0, item).clone()) for item in items))
@@ -143,14 +150,14 @@ def opcm(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     # the projected matrices whole (their SVD needs all of τ̄), the element-wise rest in row chunks
     items = [item for k in keys for item in ([k] if k in matrices else parts(pretrained, [k], chunk_numel))]
     sq = 0.0
-    for item in items:
+    for item in step_bar(items, "opcm", 1, len(finetuned)):
         tau_bar[item] = t = tau_of(finetuned[0], pretrained, item, device)
         sq += sq_norm(t)
     norms, lam_prev, rescale = [sq ** 0.5], 1.0, 1.0
     yield first_view(items, finetuned[0])
-    for sd in finetuned[1:]:
+    for step, sd in enumerate(finetuned[1:], start=2):
         sq_tau, sq_new = 0.0, 0.0
-        for item in items:
+        for item in step_bar(items, "opcm", step, len(finetuned)):
             tau = tau_of(sd, pretrained, item, device)
             sq_tau += sq_norm(tau)
             bar = tau_bar[item].to(device)
