@@ -89,7 +89,6 @@ def tau_of(sd: StateDict, pretrained: StateDict, item, device) -> torch.Tensor:
     return torch.sub(theta, base, out=base)  # θ − θ0 in θ0's float32 copy: one key-sized float32 buffer
 
 
-
 def sq_norm(t: torch.Tensor) -> float:
     """‖t‖² in float64, block by block: a float32 square is exact in float64, and no float64 copy of a
     large key (an 8B model's embedding: 4.2 GB) is made."""
