@@ -1,6 +1,9 @@
 """lowrank_svd: the Gram route equals the full SVD within float32 SVD error, is taken where it is
 accurate, and falls back to the full SVD where its check fails; TSV-M/C and Iso-CTS built on it
 agree with the official full-SVD computations."""
+import os
+import threading
+
 import pytest
 import torch
 
@@ -222,14 +225,16 @@ def test_without_threadpoolctl_the_result_is_the_same(monkeypatch):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
-def test_parallel_map_keeps_order_and_results_and_restores_the_threads():
+@pytest.mark.parametrize("busy", [True, False])
+def test_parallel_map_keeps_order_and_results_and_restores_the_threads(monkeypatch, busy):
+    monkeypatch.setattr(L, "machine_is_busy", lambda: busy)
     g = torch.Generator().manual_seed(3)
     mats = [torch.randn(60, 40, generator=g) for _ in range(5)]
     threads = torch.get_num_threads()
     seen = []
 
     def fn(m):
-        seen.append(torch.get_num_threads())  # one BLAS thread per worker
+        seen.append((threading.get_ident(), torch.get_num_threads()))
         assert L.parallel_map(lambda x: x + 1, [1, 2]) == [2, 3]  # nested: sequential, still right
         return L.top_svd(m, 10)
 
@@ -239,8 +244,24 @@ def test_parallel_map_keeps_order_and_results_and_restores_the_threads():
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)  # the same route, in input order
     assert torch.get_num_threads() == threads
-    assert set(seen) == ({1} if threads > 1 else {threads})
+    side_by_side = busy and threads > 1  # busy: workers with one BLAS thread each; quiet: here, on all threads
+    assert {n for _, n in seen} == ({1} if side_by_side else {threads})
+    assert (threading.get_ident() in {t for t, _ in seen}) == (not side_by_side)
     assert L.parallel_map(fn, []) == []
+
+
+def test_machine_is_busy_compares_the_load_average_with_the_cores(monkeypatch):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 0.4, 0.0, 0.0))
+    assert not L.machine_is_busy()  # this process on every core, nothing beside it
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    assert L.machine_is_busy()
+
+    def unavailable():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", unavailable)
+    assert not L.machine_is_busy()
 
 
 def test_parallel_map_passes_a_worker_error_on():

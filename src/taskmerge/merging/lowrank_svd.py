@@ -43,20 +43,29 @@ faster than the Gram route. Batching ([8,768,768] stacked SVD or eigh) gained �
 less than the route; it is not used. Figures: benchmarks/README.md ("Profiles").
 
 Threads on CPU: the Gram (BLAS dsyrk) and the eigensolver run in SciPy's OpenBLAS
-(``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` apply, not ``torch.set_num_threads``). The
-eigensolver runs on one thread (through ``threadpoolctl`` when installed): its tridiagonal
-reduction is hundreds of small parallel regions, and on a loaded 2-core machine each one waits for
-a descheduled thread: a top-96 eigh of a [3072,768] matrix's Gram took 6.1 s (median) on 2 threads
-against 0.14 s on one (torch.linalg.svd of [3072,768] likewise: 16.4 s against 0.57 s). The cores
-are used instead by running independent decompositions side by side, one thread each
-(:func:`parallel_map`: a key's per-task SVDs and polar factors). On a quiet machine that is a wash
-(TSV-M, one ViT-B/32 layer: 6.3 s before, 6.5 s after); under load it kept TSV-M at 7 s where the
-sequential code took 14–16 s. Keys with one decomposition each (Iso-C, OPCM) stay sequential on
-torch's threads: decomposing two keys side by side made them 1.3–1.5× slower on a quiet machine.
+(``OMP_NUM_THREADS`` / ``OPENBLAS_NUM_THREADS`` apply; through ``threadpoolctl``, when installed, this
+module gives them ``torch.get_num_threads()`` threads, or one inside a side-by-side worker). A key's
+independent decompositions (its per-task SVDs, its two polar factors) run through
+:func:`parallel_map`, which picks by the machine's load (measured, ``benchmarks/README.md``, "TSV-M"):
+
+- quiet (1-minute load average ≤ cores + 0.5, i.e. nothing beside this process): one at a time on all
+  threads. Two one-thread float64 eighs side by side share the memory bandwidth of their tridiagonal
+  reductions: on 2 idle cores two 4096² ones took 25.3–25.6 s side by side against 14.7–15.4 s one after
+  the other on 2 threads (768²: 0.20–0.22 s against 0.13–0.14 s);
+- busy (more runnable threads than cores): side by side, one thread each. The eigensolver's tridiagonal
+  reduction is many small parallel regions, and each one waits for a descheduled thread: with one
+  busy process beside, the same pairs took 25.4–28.5 s side by side against 33.1–34.7 s on 2 threads
+  (2048²: 3.3 s against 5.1–6.0 s); an earlier, more loaded day, a top-96 eigh of a [3072,768]
+  matrix's Gram took 6.1 s (median) on 2 threads against 0.14 s on one.
+
+Both orders run the same route, so results agree to float rounding. Keys with one decomposition each
+(Iso-C, OPCM) run torch's float32 SVD on torch's threads: decomposing two keys side by side made them
+1.3–1.5× slower on a quiet machine.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
@@ -70,33 +79,52 @@ _WORKER = threading.local()
 _T = TypeVar("_T")
 
 
-def _one_lapack_thread():
-    """A context in which SciPy's BLAS/LAPACK uses one thread (a no-op without threadpoolctl)."""
+def _lapack_threads(n: int):
+    """A context in which SciPy's BLAS/LAPACK uses ``n`` threads (a no-op without threadpoolctl)."""
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:  # optional: only speed under load depends on it
+    except ImportError:  # optional: only speed depends on it
         return contextlib.nullcontext()
     if not _CONTROLLER:
         import scipy.linalg  # noqa: F401  (its OpenBLAS must be loaded when the controller looks)
 
         _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+    return _CONTROLLER[0].limit(limits=n, user_api="blas")
+
+
+def _scipy_threads():
+    """SciPy's BLAS/LAPACK threads for this call: one in a side-by-side worker, else torch's count."""
+    return _lapack_threads(1 if getattr(_WORKER, "active", False) else torch.get_num_threads())
+
+
+def machine_is_busy() -> bool:
+    """Whether more threads want the CPU than it has (1-minute load average > cores + 0.5).
+
+    This process counts itself: merging on all threads keeps the load near the core count. The
+    average lags by about a minute; either answer gives the same results, only the speed differs.
+    """
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    except (OSError, AttributeError):
+        return False
+    return load > (cores or 1) + 0.5
 
 
 def parallel_map(fn: Callable[..., _T], items: Iterable, device: torch.device | str | None = None) -> list[_T]:
-    """``[fn(x) for x in items]``, on CPU spread over ``torch.get_num_threads()`` Python threads with one
-    BLAS/LAPACK thread each (torch's and SciPy's), in order; sequential on another device or when nested.
+    """``[fn(x) for x in items]`` in order, for a key's independent dense decompositions (a task's top-r SVD,
+    a polar factor). On CPU, when the machine is busy (:func:`machine_is_busy`), they run side by side on
+    ``torch.get_num_threads()`` Python threads with one BLAS/LAPACK thread each (torch's and SciPy's); when
+    it is quiet, or on another device, or when nested, one after the other on all threads (module docstring).
 
-    For independent dense decompositions (a task's top-r SVD, a polar factor): no worker waits on a
-    descheduled sibling thread when the machine is loaded, where 2-thread LAPACK collapses (module
-    docstring); on a quiet machine it is a wash (memory-bound reductions share the bandwidth). Each call runs the
-    same route as a sequential one, so results agree to float rounding (a BLAS product on one thread
-    may sum in another order than on two: ≤ 6e-8 relative on TSV-M's ViT-B/32 keys, tsv_speed.py).
-    ``fn`` must not depend on the other calls (they run concurrently).
+    Each call runs the same route either way, so results agree to float rounding (a BLAS product on one
+    thread may sum in another order than on two: ≤ 6e-8 relative on TSV-M's ViT-B/32 keys, tsv_speed.py).
+    ``fn`` must not depend on the other calls (they may run concurrently).
     """
     items = list(items)
     workers = min(len(items), torch.get_num_threads())
-    if workers < 2 or torch.device(device or "cpu").type != "cpu" or getattr(_WORKER, "active", False):
+    if (workers < 2 or torch.device(device or "cpu").type != "cpu" or getattr(_WORKER, "active", False)
+            or not machine_is_busy()):
         return [fn(x) for x in items]
 
     def one_thread(x):
@@ -106,7 +134,7 @@ def parallel_map(fn: Callable[..., _T], items: Iterable, device: torch.device | 
 
     threads = torch.get_num_threads()
     try:
-        with _one_lapack_thread(), ThreadPoolExecutor(workers) as pool:
+        with _lapack_threads(1), ThreadPoolExecutor(workers) as pool:
             return list(pool.map(one_thread, items))
     finally:
         torch.set_num_threads(threads)
@@ -129,7 +157,8 @@ def _gram(x64: torch.Tensor) -> tuple[torch.Tensor | np.ndarray, bool]:
         from scipy.linalg import blas
 
         xt = x64.numpy().T  # Fortran-ordered view of xᵀ: no copy
-        return blas.dsyrk(1.0, xt, trans=0 if tall else 1), tall
+        with _scipy_threads():
+            return blas.dsyrk(1.0, xt, trans=0 if tall else 1), tall
     return (x64.T @ x64 if tall else x64 @ x64.T), tall
 
 
@@ -140,7 +169,7 @@ def _eigh(g, top: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
 
         n = g.shape[0]
         kw = {"subset_by_index": [n - top, n - 1], "driver": "evr"} if top is not None else {"driver": "evd"}
-        with _one_lapack_thread():
+        with _scipy_threads():
             lam, q = eigh(g, lower=False, overwrite_a=True, check_finite=False, **kw)
         return torch.from_numpy(lam), torch.from_numpy(q)
     lam, q = torch.linalg.eigh(g)
