@@ -16,8 +16,8 @@ results come back in the input dtype and device. Integer buffers are copied from
 Speed (same matrices as the official full SVDs, within their float error): each task's top r
 triplets come from ``lowrank_svd.top_svd`` (float64 Gram eigendecomposition, checked, falling
 back to the full SVD) and the polar factors from ``lowrank_svd.polar`` (x (xᵀx)^{-1/2}, falling
-back to the SVD when ill-conditioned), a key's T decompositions and its two polar factors side by
-side on the CPU's threads (``lowrank_svd.parallel_map``). When T does not divide k, the stacked U and V of the
+back to the SVD when ill-conditioned), a key's T decompositions and its two polar factors through
+``lowrank_svd.parallel_map`` (one after the other on all threads, side by side when the CPU is busy). When T does not divide k, the stacked U and V of the
 official code have zero trailing columns whose singular value is 0: they do not change ΔW
 (polar([A 0]) = [polar(A) ·] for A of full column rank), so the polar factors are taken of the
 r·T filled columns only.
