@@ -21,8 +21,8 @@ averaging, i.e. task arithmetic at λ_TA = 1/T, *whatever its own λ*; the low r
 search keeps L (which depends on ρ only) in its ``cache`` and re-adds it for every λ.
 Each task's rank-r truncation comes from ``lowrank_svd.top_svd`` (the float64 Gram route, equal to the
 float32 SVD's truncation within its error; the full SVD when r > k/2), the T of a matrix through
-``lowrank_svd.parallel_map`` (side by side on the CPU's threads when it is busy). Float32 on ``device``; values come back in the
-input dtype.
+``lowrank_svd.parallel_map`` (side by side on the CPU's threads when it is busy). Float32 on
+``device``; values come back in the input dtype.
 """
 from __future__ import annotations
 
