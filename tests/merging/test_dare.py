@@ -99,3 +99,18 @@ def test_bad_hyperparameters_raise(hparams):
     pre, fts = make_models()
     with pytest.raises(ValueError):
         merge("dare", pre, fts, hparams)
+
+
+@pytest.mark.parametrize("block", [7, 1 << 22])
+@pytest.mark.parametrize("shape", [(5,), (33, 17), (4, 3, 9), ()])
+def test_mask_draw_is_the_official_draw_without_its_int64_tensor(monkeypatch, shape, block):
+    """The bool mask drawn block by block equals randint(2, shape).bernoulli(1 − p), and leaves the
+    generator where the official draw does (the next key's mask depends on it)."""
+    from taskmerge.merging import primitives
+    monkeypatch.setattr(primitives, "_ADVANCE_BLOCK", block)
+    official, ours = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(2):
+        want = torch.randint(2, shape, generator=official).bernoulli(0.7, generator=official)
+        got = primitives._draw_dare_mask(shape, 0.3, ours)
+        assert got.dtype == torch.bool and torch.equal(got, want.bool())
+        assert torch.equal(ours.get_state(), official.get_state())

@@ -29,7 +29,15 @@ per (seed, task, name). Then P(m_i = 1) = p_i exactly, entries stay independent,
 ``dare(drop_rate=1−p, base=task_arithmetic, seed=seed)``: ``della(ε=0, elect=False,
 normalize=False)`` equals it bit for bit. The global RNG is never touched.
 
-Arithmetic in float32 (probabilities in float64) on ``device``; values come back in the input dtype.
+Streamed (``chunk_numel``, as ``taskmerge merge`` runs it), a matrix goes through in row chunks (whole rows:
+the ranks are per row). Each task's keep-mask of the current key is held whole (bool): DARE's draw b_t is
+one whole-key draw in the official order, and the extra draws e_t go one per entry in order, so the chunks
+get the values of whole keys bit for bit (tests/merging/test_della_chunked.py). ``rescale="l1"`` needs
+each whole τ_t's norms first: a pass over the chunks draws the masks and sums ‖τ_t‖₁ and ‖τ̃_t‖₁ in
+float64 (the official float32 sums differ from them by a few ulps), a second one fuses.
+
+Arithmetic in float32 (probabilities and L1 norms in float64) on ``device``; values come back in the input
+dtype.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ from typing import Annotated, Literal, Sequence
 import torch
 
 from taskmerge.merging.breadcrumbs import ascending_ranks
-from taskmerge.merging.inputs import float_keys, shape_of, task_stream
+from taskmerge.merging.inputs import Part, float_keys, parts, shape_of, task_stream, task_vectors
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.primitives import dare_mask, dare_rng_states, disjoint_merge, stream_cache_bytes
 from taskmerge.merging.registry import Range, StateDict, register
@@ -62,22 +70,30 @@ def _extra_generator(seed: int, task: int, key: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + salt) % (1 << 63))
 
 
-def magprune(tau: torch.Tensor, probs: torch.Tensor, base_mask: torch.Tensor, floor: float, extra: torch.Generator,
-             rescale: str) -> torch.Tensor:
-    """τ̃ of one task tensor: keep ``base_mask`` ∨ extra draws (total P = probs), then rescale."""
-    keep = base_mask.to(tau.device).bool()
-    if bool((probs > floor).any()):
+def magprune_keep(probs: torch.Tensor, base_mask: torch.Tensor, floor: float, extra: torch.Generator
+                  ) -> torch.Tensor:
+    """``base_mask`` ∨ Bernoulli((p_i − floor)/(1 − floor)) (bool, on the CPU). The extra draws go one per
+    entry in order from ``extra``, so rows drawn chunk by chunk get the values of one whole draw."""
+    keep = base_mask.cpu().bool()
+    if bool((probs > floor).any()):  # ε > 0: true of every chunk alike, so every chunk draws
         lift = ((probs - floor) / (1 - floor)).clamp(0, 1).to(torch.float32).cpu()
-        keep = keep | torch.bernoulli(lift, generator=extra).bool().to(tau.device)
-    masked = tau * keep
-    if rescale == "inverse_prob":
-        return masked * (1 / (1 - (1 - probs))).to(torch.float32)
-    if rescale == "l1":  # mergekit ≥ 0.1: match the L1 norm of the unpruned tensor
-        before, after = tau.abs().sum(), masked.abs().sum()
-        return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
-    if rescale == "none":
-        return masked
-    raise ValueError(f"della: rescale={rescale!r}: choose inverse_prob, l1 or none")
+        keep = keep | torch.bernoulli(lift, generator=extra).bool()
+    return keep
+
+
+def _rescaled(masked: torch.Tensor, probs: torch.Tensor, rescale: str) -> torch.Tensor:
+    """``inverse_prob``: τ ⊙ m / p_i (DARE's rescale, per entry); ``none``: τ ⊙ m."""
+    return masked * (1 / (1 - (1 - probs))).to(torch.float32) if rescale == "inverse_prob" else masked
+
+
+def _l1_sums(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(‖τ‖₁, ‖τ ⊙ keep‖₁) in float64, summed over a tensor's chunks by the caller."""
+    return torch.stack([tau.abs().sum(dtype=torch.float64), (tau * keep).abs().sum(dtype=torch.float64)])
+
+
+def l1_factor(before: torch.Tensor, after: torch.Tensor) -> float:
+    """mergekit ≥ 0.1's ``rescale="l1"``: ‖τ‖₁ / ‖τ ⊙ m‖₁ (1 when either is below 1e-7)."""
+    return 1.0 if before < 1e-7 or after < 1e-7 else float(before / after)
 
 
 def della_fuse(stack: torch.Tensor, elect: bool, normalize: bool) -> torch.Tensor:
@@ -90,8 +106,9 @@ def della_fuse(stack: torch.Tensor, elect: bool, normalize: bool) -> torch.Tenso
 
 
 @register("della", linear_in="scaling",
-          memory="one key of every input (whole tensors: masks in DARE's RNG order); the base masks are kept "
-                 "when they total <= 1 GiB of task vectors, else regenerated from saved generator states")
+          memory="one row chunk of every input and each task's bool keep-mask of the current key (DARE's draw is "
+                 "whole-key, in the official RNG order); the base masks are kept when they total <= 1 GiB of task "
+                 "vectors, else regenerated from saved generator states")
 def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           density: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.7,
           epsilon: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.07,
@@ -100,7 +117,7 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
           normalize: bool = True,
           rescale: Literal["inverse_prob", "l1", "none"] = "inverse_prob",
           seed: int = 42,
-          device=None):
+          device=None, chunk_numel=None):
     """DELLA: MagPrune every task vector, elect signs, fuse, θ = θ0 + λ τ_m (module docstring).
 
     Hyperparameters (defaults: the official README's example run, ``--drop_rate 0.3
@@ -123,22 +140,46 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
         raise ValueError(f"della: density ± epsilon = {density} ± {epsilon} must lie in (0, 1)")
+    if rescale not in ("inverse_prob", "l1", "none"):
+        raise ValueError(f"della: rescale={rescale!r}: choose inverse_prob, l1 or none")
+    if density >= 1:
+        for item, taus in task_stream(pretrained, finetuned, device, chunk_numel)():
+            yield item, Update(della_fuse(torch.stack(taus), elect, normalize), scaling, owned=True)
+        return
     floor = density - epsilon
     keys = float_keys(pretrained)
     shapes = {key: shape_of(pretrained, key) for key in keys}
     num_tasks = len(finetuned)
-    stream = task_stream(pretrained, finetuned, device)
-    if density >= 1:
-        for key, taus in stream():
-            yield key, Update(della_fuse(torch.stack(taus), elect, normalize), scaling, owned=True)
-        return
     nbytes = 4 * num_tasks * sum(math.prod(shape) for shape in shapes.values())
     kept = [] if nbytes <= stream_cache_bytes() else None
     states = dare_rng_states(shapes, num_tasks, 1 - floor, seed, masks=kept)
-    for key, taus in stream():
-        pruned = []
-        for t, tau in enumerate(taus):
-            base = kept[t][key] if kept is not None else dare_mask(tau.shape, 1 - floor, states[t][key])
-            probs = magprune_probs(tau, density, epsilon)
-            pruned.append(magprune(tau, probs, base, floor, _extra_generator(seed, t, key), rescale))
-        yield key, Update(della_fuse(torch.stack(pruned), elect, normalize), scaling, owned=True)
+    for key in keys:
+        # row chunks are whole rows of the ranking (dim 0); 0-/1-D tensors are one row, never split
+        items = parts(pretrained, [key], chunk_numel if len(shapes[key]) >= 2 else None)
+        keeps = [kept[t].pop(key) if kept is not None else dare_mask(shapes[key], 1 - floor, states[t][key])
+                 for t in range(num_tasks)]
+        extras = [_extra_generator(seed, t, key) for t in range(num_tasks)]
+        factors = None
+        if rescale == "l1":  # its factor needs the whole key: a first pass draws the masks and sums the norms
+            sums = torch.zeros(num_tasks, 2, dtype=torch.float64)
+            for item in items:
+                rows = _rows_of(item)
+                for t, tau in enumerate(task_vectors(item, pretrained, finetuned, device=device)):
+                    keep = magprune_keep(magprune_probs(tau, density, epsilon), keeps[t][rows], floor, extras[t])
+                    keeps[t][rows] = keep
+                    sums[t] += _l1_sums(tau, keep.to(tau.device)).cpu()
+            factors = [l1_factor(*sums[t]) for t in range(num_tasks)]
+        for item in items:
+            rows, pruned = _rows_of(item), []
+            for t, tau in enumerate(task_vectors(item, pretrained, finetuned, device=device)):
+                if factors is not None:
+                    pruned.append(tau * keeps[t][rows].to(tau.device) * factors[t])
+                    continue
+                probs = magprune_probs(tau, density, epsilon)
+                keep = magprune_keep(probs, keeps[t][rows], floor, extras[t]).to(tau.device)
+                pruned.append(_rescaled(tau * keep, probs, rescale))
+            yield item, Update(della_fuse(torch.stack(pruned), elect, normalize), scaling, owned=True)
+
+
+def _rows_of(item) -> slice:
+    return slice(item.start, item.stop) if isinstance(item, Part) else slice(None)
