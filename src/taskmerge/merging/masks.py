@@ -148,8 +148,9 @@ def tall_mask(pretrained: StateDict, finetuned: Sequence[StateDict], *,
     """
     lambdas = _lambdas(mask_lambda, len(finetuned))
     kept = artifacts.setdefault("masks", [{} for _ in finetuned]) if artifacts is not None else None
-    for key, base, tau, thetas, _ in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
-        merged, masks = _tall_key(base, base + tau, thetas, lambdas, keep_masks=kept is not None)
+    for key, base, tau, thetas, fresh in _mtl_by_key(pretrained, finetuned, use_ties, device, cache, scratch):
+        multi = tau.add_(base) if fresh else base + tau  # θ_MTL in τ_MTL's own storage when it is this key's
+        merged, masks = _tall_key(base, multi, thetas, lambdas, keep_masks=kept is not None)
         for t, m in enumerate(masks):
             kept[t][key] = m.cpu()
         yield key, merged
