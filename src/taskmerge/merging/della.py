@@ -48,7 +48,7 @@ from typing import Annotated, Literal, Sequence
 import torch
 
 from taskmerge.merging.breadcrumbs import ascending_ranks
-from taskmerge.merging.inputs import Part, float_keys, parts, shape_of, task_stream, task_vectors
+from taskmerge.merging.inputs import float_keys, part_of, parts, shape_of, task_stream, task_vectors
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.primitives import dare_mask, dare_rng_states, disjoint_merge, stream_cache_bytes
 from taskmerge.merging.registry import Range, StateDict, register
@@ -163,23 +163,18 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         if rescale == "l1":  # its factor needs the whole key: a first pass draws the masks and sums the norms
             sums = torch.zeros(num_tasks, 2, dtype=torch.float64)
             for item in items:
-                rows = _rows_of(item)
                 for t, tau in enumerate(task_vectors(item, pretrained, finetuned, device=device)):
-                    keep = magprune_keep(magprune_probs(tau, density, epsilon), keeps[t][rows], floor, extras[t])
-                    keeps[t][rows] = keep
+                    rows = part_of(keeps[t], item)
+                    keep = rows.copy_(magprune_keep(magprune_probs(tau, density, epsilon), rows, floor, extras[t]))
                     sums[t] += _l1_sums(tau, keep.to(tau.device)).cpu()
             factors = [l1_factor(*sums[t]) for t in range(num_tasks)]
         for item in items:
-            rows, pruned = _rows_of(item), []
+            pruned = []
             for t, tau in enumerate(task_vectors(item, pretrained, finetuned, device=device)):
                 if factors is not None:
-                    pruned.append(tau * keeps[t][rows].to(tau.device) * factors[t])
+                    pruned.append(tau * part_of(keeps[t], item).to(tau.device) * factors[t])
                     continue
                 probs = magprune_probs(tau, density, epsilon)
-                keep = magprune_keep(probs, keeps[t][rows], floor, extras[t]).to(tau.device)
+                keep = magprune_keep(probs, part_of(keeps[t], item), floor, extras[t]).to(tau.device)
                 pruned.append(_rescaled(tau * keep, probs, rescale))
             yield item, Update(della_fuse(torch.stack(pruned), elect, normalize), scaling, owned=True)
-
-
-def _rows_of(item) -> slice:
-    return slice(item.start, item.stop) if isinstance(item, Part) else slice(None)

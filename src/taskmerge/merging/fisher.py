@@ -10,7 +10,7 @@ from typing import Annotated, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import BLOCK, Part, blocks, float_keys, key_of, shapes, tensors, walk
+from taskmerge.merging.inputs import BLOCK, blocks, float_keys, key_of, part_of, shapes, tensors, walk
 from taskmerge.merging.registry import Range, StateDict, register
 from taskmerge.stats.keys import check_stats_list, fisher_key, gather
 
@@ -51,7 +51,7 @@ def fisher(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         if fishers is None:
             yield item, torch.stack(thetas).mean(0)
             continue
-        fishers = [f[item.start:item.stop] if isinstance(item, Part) else f for f in fishers]
+        fishers = [part_of(f, item) for f in fishers]
         yield item, fisher_average(thetas, fishers, weights, floor)
 
 

@@ -58,6 +58,11 @@ def read(state: Mapping, item) -> torch.Tensor:
     return state[item.key][item.start:item.stop]
 
 
+def part_of(tensor: torch.Tensor, item) -> torch.Tensor:
+    """The rows of a whole-key ``tensor`` (a statistic, a mask, an output) that a stream item covers: a view."""
+    return tensor[item.start:item.stop] if isinstance(item, Part) else tensor
+
+
 def parts(state: Mapping, keys: Sequence[str], chunk_numel: int | None) -> list:
     """``keys`` with every tensor larger than ``chunk_numel`` elements split into row :class:`Part` s."""
     out = []

@@ -28,7 +28,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import BLOCK, Part, float_keys, parts, shape_of, task_stack
+from taskmerge.merging.inputs import BLOCK, float_keys, part_of, parts, shape_of, task_stack
 from taskmerge.merging.outputs import Update
 from taskmerge.merging.registry import StateDict, register
 
@@ -83,7 +83,7 @@ def _stock_update(key: str, pretrained: StateDict, finetuned: Sequence[StateDict
             buffer[:] = [stack.reshape(-1)]
         if out is None:
             out = stack.new_empty(shape_of(pretrained, key))
-        torch.sum(stack, 0, out=out[item.start:item.stop] if isinstance(item, Part) else out)
+        torch.sum(stack, 0, out=part_of(out, item))
         grams.append(_gram(stack, filter_wise))
     per_row = filter_wise and out.dim() > 1
     gram = torch.cat(grams) if per_row else torch.stack(grams).sum(0)

@@ -18,9 +18,9 @@ triplets come from ``lowrank_svd.top_svd`` (float64 Gram eigendecomposition, che
 back to the full SVD) and the polar factors from ``lowrank_svd.polar`` (x (xᵀx)^{-1/2}, falling
 back to the SVD when ill-conditioned), a key's T decompositions and its two polar factors through
 ``lowrank_svd.parallel_map`` (one after the other on all threads, side by side when the CPU is busy).
-When T does not divide k, the stacked U and V of the official code have zero trailing columns whose singular value is 0: they do not change ΔW
-(polar([A 0]) = [polar(A) ·] for A of full column rank), so the polar factors are taken of the
-r·T filled columns only.
+When T does not divide k, the stacked U and V of the official code have zero trailing columns whose
+singular value is 0: they do not change ΔW (polar([A 0]) = [polar(A) ·] for A of full column rank), so
+the polar factors are taken of the r·T filled columns only.
 """
 from __future__ import annotations
 
