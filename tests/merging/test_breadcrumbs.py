@@ -139,3 +139,14 @@ def test_masked_task_vectors_are_summed_like_a_stack():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert torch.equal(merge("breadcrumbs", pre, fts, {"density": 0.3, "gamma": 0.05, "scaling": 1.0})["w"],
                        pre["w"] + want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_ranks_from_the_bits_equal_the_float_sort(dtype):
+    # |x| sorted as integers of its bits: zeros of both signs, infinities, subnormals and ties included
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40, -1e-40, 2.0, -2.0, 2.0, 1e-3])
+    rows = torch.cat([special, torch.randn(54, generator=torch.Generator().manual_seed(0))]).to(dtype)
+    rows = torch.stack([rows, rows.flip(0), rows.round()])
+    order = torch.sort(rows.abs().double(), dim=-1, stable=True).indices
+    want = torch.empty_like(order).scatter_(-1, order, torch.arange(rows.shape[-1]).expand_as(order))
+    assert torch.equal(ascending_ranks(rows), want)

@@ -39,3 +39,22 @@ def test_streamed_writer_with_small_chunks_equals_in_memory(tmp_path):
     got, want = ShardedReader(written[0]), della(pre, fts, hp)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hp", HPARAMS)
+def test_blocks_of_rows_equal_whole_tensors(monkeypatch, hp, dtype):
+    # MagPrune walks a block of whole rows at a time and the fuse a block of entries: with blocks of 7
+    # entries (one row at a time for the 2-D keys, several blocks for the 1-D ones) nothing changes
+    from taskmerge.merging import della as della_module
+    pre, fts = make_models(dtype)
+    della = get_method("della")
+    want = della(pre, fts, {**hp, "seed": 4})
+    monkeypatch.setattr(della_module, "BLOCK", 7)
+    for chunk in (None, CHUNK):
+        got = della(pre, fts, {**hp, "seed": 4}, chunk_numel=chunk)
+        for key in want:
+            if hp.get("rescale") == "l1":  # the norms are summed block by block
+                torch.testing.assert_close(got[key], want[key], rtol=2e-7, atol=0)
+            else:
+                assert torch.equal(got[key], want[key]), key

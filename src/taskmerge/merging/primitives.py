@@ -263,11 +263,12 @@ _ADVANCE_BLOCK = 1 << 22  # elements of the throw-away randint drawn at a time
 def _draw_dare_mask(shape, drop_rate: float, gen: torch.Generator) -> torch.Tensor:
     """``torch.randint(2, shape).bernoulli(1 − p)`` of the official code as a bool mask, without its int64
     tensor (4.2 GB at a [128256, 4096] embedding): the randint only advances the generator, one draw per
-    element in order, so it is drawn block by block and thrown away; ``bernoulli_`` draws the same values
-    into a bool tensor as into an int64 one. Both equalities are pinned by tests/merging/test_dare.py."""
+    element in order whatever the dtype (one 32-bit draw each), so it is drawn as uint8 block by block and
+    thrown away; ``bernoulli_`` draws the same values into a bool tensor as into an int64 one. Both
+    equalities are pinned by tests/merging/test_dare.py."""
     numel = math.prod(shape)
     for start in range(0, numel, _ADVANCE_BLOCK):
-        torch.randint(2, (min(_ADVANCE_BLOCK, numel - start),), generator=gen)
+        torch.randint(2, (min(_ADVANCE_BLOCK, numel - start),), generator=gen, dtype=torch.uint8)
     return torch.empty(tuple(shape), dtype=torch.bool).bernoulli_(1 - drop_rate, generator=gen)
 
 
