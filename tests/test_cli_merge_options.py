@@ -92,3 +92,15 @@ def test_methods_name_shows_where_configs_and_memory(capsys):
     assert "defined at: taskmerge.merging.ties:" in out
     assert "configs/method/ties.yaml" in out
     assert "memory:     global trim" in out
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_the_command_line_opts_in_to_huge_pages_unless_the_environment_decides(monkeypatch, capsys, preset):
+    # THP_MEM_ALLOC_ENABLE is read once by torch when it first allocates: the CLI sets its default before
+    # any subcommand imports torch, and leaves a value the user exported
+    if preset is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", preset)
+    assert run(capsys, "methods")[0] == 0
+    assert __import__("os").environ["THP_MEM_ALLOC_ENABLE"] == (preset or "1")

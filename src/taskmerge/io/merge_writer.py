@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from taskmerge.io.sharded import DEFAULT_SHARD_BYTES, ShardedWriter, specs_of
 from taskmerge.io.spill import Spill
-from taskmerge.merging.inputs import Part, Without, float_keys, key_of, read, shape_of
+from taskmerge.merging.inputs import Part, Without, all_finite, float_keys, key_of, read, shape_of
 from taskmerge.merging.masks import save_masks
 from taskmerge.merging.outputs import resolve
 from taskmerge.merging.registry import Method
@@ -68,7 +68,7 @@ class _Target:
 
     def write(self, pretrained, item, tensor: torch.Tensor) -> bool:
         """Write one key or row chunk; True when its tensor is complete."""
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise ValueError(f"{self.path}: merged tensor {key_of(item)} contains NaN or Inf")
         if not isinstance(item, Part):
             self.writer.write(item, tensor)

@@ -18,7 +18,7 @@ from typing import Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 
-from taskmerge.merging.inputs import dtype_of, shape_of
+from taskmerge.merging.inputs import all_finite, dtype_of, shape_of
 from taskmerge.merging.registry import StateDict
 
 
@@ -81,6 +81,6 @@ def check_lora_models(pretrained: StateDict, models: Sequence[LoraModel]) -> lis
             if (f.B.shape[0], f.A.shape[1]) != shape_of(pretrained, key):
                 raise ValueError(f"adapter {i}: module {module} gives a {f.B.shape[0]}x{f.A.shape[1]} update, "
                                  f"pretrained {key} is {shape_of(pretrained, key)}")
-            if not (torch.isfinite(f.A).all() and torch.isfinite(f.B).all()):
+            if not (all_finite(f.A) and all_finite(f.B)):
                 raise ValueError(f"adapter {i}: module {module} contains NaN or Inf")
     return modules
