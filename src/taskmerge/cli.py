@@ -303,8 +303,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     # PyTorch's opt-in transparent huge pages for CPU buffers >= 2 MB (PyTorch >= 2.2; read once, when torch
     # first allocates, so before any subcommand imports it): one page fault per 2 MB instead of per 4 KB.
-    # An on-disk merge faults in every tensor it reads and writes: 2-2.3x faster here (benchmarks/README.md,
-    # "Huge pages"). THP_MEM_ALLOC_ENABLE=0 in the environment keeps 4 KB pages.
+    # An on-disk merge faults in every tensor it reads and writes: TA 1.3-2.3x faster here (benchmarks/README.md,
+    # mergekit rows, "TA, then and now"). THP_MEM_ALLOC_ENABLE=0 in the environment keeps 4 KB pages.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     args = parse_args(argv)
     try:

@@ -40,7 +40,7 @@ Within a chunk, MagPrune works in place on the chunk's [T, …] task stack a blo
 and the fuse a block of entries at a time (``inputs.BLOCK`` elements), so the float64 probabilities and
 the temporaries stay cache-sized; the values are the whole-chunk formulas' (l1's norms, summed block by
 block, to float64 rounding). 2.3× faster than whole-chunk temporaries at Llama-3-8B width
-(benchmarks/README.md, "DELLA at Llama-3-8B width").
+(benchmarks/README.md, the mergekit rows' DELLA).
 
 Arithmetic in float32 (probabilities and L1 norms in float64) on ``device``; values come back in the input
 dtype.
