@@ -55,8 +55,8 @@ def test_task_stack_writes_into_a_large_enough_buffer_only():
     fts = [{"w": pre["w"] + torch.randn(4, 6, generator=g)} for _ in range(3)]
     want = torch.stack(task_vectors("w", pre, fts))
     big = torch.full((100,), float("nan"))
-    got = task_stack("w", pre, fts, buffer=big)
+    got = task_stack("w", pre, fts, buffer=[big])
     assert torch.equal(got, want) and got.data_ptr() == big.data_ptr()
     small = torch.empty(71)  # 3 × 24 = 72 needed: a new tensor, the buffer untouched
-    got = task_stack("w", pre, fts, buffer=small)
+    got = task_stack("w", pre, fts, buffer=[small])
     assert torch.equal(got, want) and got.untyped_storage().data_ptr() != small.untyped_storage().data_ptr()

@@ -202,12 +202,12 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
         if rescale == "l1":  # its factor needs the whole key: a first pass draws the masks and sums the norms
             sums = torch.zeros(num_tasks, 2, dtype=torch.float64)
             for item in items:
-                stack = _stack(item, pretrained, finetuned, device, buffer)
+                stack = task_stack(item, pretrained, finetuned, device, buffer)
                 for t in range(num_tasks):
                     magprune_(stack[t], part_of(keeps[t], item), density, epsilon, extras[t], rescale, sums[t])
             factors = [l1_factor(*sums[t]) for t in range(num_tasks)]
         for item in items:
-            stack = _stack(item, pretrained, finetuned, device, buffer)
+            stack = task_stack(item, pretrained, finetuned, device, buffer)
             for t in range(num_tasks):
                 if factors is not None:
                     stack[t].mul_(part_of(keeps[t], item).to(stack.device)).mul_(factors[t])
@@ -215,10 +215,3 @@ def della(pretrained: StateDict, finetuned: Sequence[StateDict], *,
                     magprune_(stack[t], part_of(keeps[t], item), density, epsilon, extras[t], rescale)
             yield item, Update(della_fuse(stack, elect, normalize), scaling, owned=True)
 
-
-def _stack(item, pretrained: StateDict, finetuned: Sequence[StateDict], device, buffer: list) -> torch.Tensor:
-    """The [T, …] task vectors of one row chunk, in the storage of the key's first chunk (``buffer``)."""
-    stack = task_stack(item, pretrained, finetuned, device, buffer[0] if buffer else None)
-    if not buffer:
-        buffer.append(stack.reshape(-1))
-    return stack

@@ -106,15 +106,18 @@ def blocks(numel: int, size: int = BLOCK) -> Iterator[tuple[int, int]]:
 
 
 def task_stack(item, pretrained: Mapping, finetuned: Sequence[Mapping], device=None,
-               buffer: torch.Tensor | None = None) -> torch.Tensor:
+               buffer: list | None = None) -> torch.Tensor:
     """[τ_1 … τ_T] of one key (or row chunk) as one float32 [T, *shape] tensor, written in place (the
-    values of ``torch.stack(task_vectors(...))`` with one allocation instead of T + 1). ``buffer``: a flat
-    float32 tensor on the same device whose storage is used instead when it is large enough (a loop over
-    chunks then allocates nothing)."""
+    values of ``torch.stack(task_vectors(...))`` with one allocation instead of T + 1). ``buffer``: a list
+    holding the largest flat stack so far, whose storage is used when it is large enough and on the same
+    device, else the new stack takes its place (a loop over chunks then allocates once)."""
     base = read(pretrained, item).to(device=device, dtype=torch.float32)
     shape = (len(finetuned), *base.shape)
-    fits = buffer is not None and buffer.numel() >= math.prod(shape) and buffer.device == base.device
-    out = buffer[:math.prod(shape)].view(shape) if fits else base.new_empty(shape)
+    held = buffer[0] if buffer else None
+    fits = held is not None and held.numel() >= math.prod(shape) and held.device == base.device
+    out = held[:math.prod(shape)].view(shape) if fits else base.new_empty(shape)
+    if buffer is not None and not fits:
+        buffer[:] = [out.reshape(-1)]
     for t, sd in enumerate(finetuned):
         torch.sub(upcastable(read(sd, item).to(device=base.device)), base, out=out[t])
     return out

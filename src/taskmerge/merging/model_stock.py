@@ -78,9 +78,7 @@ def _stock_update(key: str, pretrained: StateDict, finetuned: Sequence[StateDict
     largest stack so far, whose storage the next stacks reuse (no allocation per chunk)."""
     out, grams = None, []
     for item in parts(pretrained, [key], BLOCK):
-        stack = task_stack(item, pretrained, finetuned, device, buffer[0] if buffer else None)
-        if not buffer or stack.numel() > buffer[0].numel() or stack.device != buffer[0].device:
-            buffer[:] = [stack.reshape(-1)]
+        stack = task_stack(item, pretrained, finetuned, device, buffer)
         if out is None:
             out = stack.new_empty(shape_of(pretrained, key))
         torch.sum(stack, 0, out=part_of(out, item))
